@@ -1,0 +1,1 @@
+"""Bench configurations shipped with qkdctl (``sim.toml`` is the built-in simulated bench)."""
