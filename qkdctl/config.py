@@ -56,11 +56,14 @@ def _spec(doc: str = "", *, lo: float | None = None, hi: float | None = None,
 def _allowed(meta: dict[str, Any]) -> str:
     if meta.get("choices") is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    def num(v: float) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
     parts = []
     if meta.get("lo") is not None:
-        parts.append(("> " if meta["lo_open"] else ">= ") + f"{meta['lo']:g}")
+        parts.append(("> " if meta["lo_open"] else ">= ") + num(meta["lo"]))
     if meta.get("hi") is not None:
-        parts.append(("< " if meta["hi_open"] else "<= ") + f"{meta['hi']:g}")
+        parts.append(("< " if meta["hi_open"] else "<= ") + num(meta["hi"]))
     return " and ".join(parts)
 
 
@@ -228,6 +231,9 @@ class _Ctx:
         self.path = path
 
     def fail(self, key: str, msg: str) -> typing.NoReturn:
+        # keys and values come from the user's file: keep the message on one line
+        key = key.encode("unicode_escape").decode("ascii")
+        msg = msg.replace("\n", "\\n").replace("\r", "\\r")
         raise ConfigError(f"{self.path}: {key}: {msg}")
 
 
@@ -362,17 +368,19 @@ def _cross_checks(ctx: _Ctx, b: BenchConfig) -> None:
             ctx.fail(f"instruments.{name}.driver", "missing driver name")
 
     if b.sim is not None:
-        sim_ch = [d.channel for d in b.sim.detectors]
+        sim_seen: dict[int, int] = {}
         for i, d in enumerate(b.sim.detectors):
             if d.channel not in seen:
                 ctx.fail(f"sim.detectors[{i}].channel",
                          f"{d.channel} is not one of the receiver's detector channels "
                          f"{sorted(seen)}")
-        missing = sorted(set(seen) - set(sim_ch))
+            if d.channel in sim_seen:
+                ctx.fail(f"sim.detectors[{i}].channel", f"{d.channel} is already simulated "
+                         f"by sim.detectors[{sim_seen[d.channel]}]")
+            sim_seen[d.channel] = i
+        missing = sorted(set(seen) - set(sim_seen))
         if missing:
             ctx.fail("sim.detectors", f"no simulated detector for channel(s) {missing}")
-        if len(sim_ch) != len(set(sim_ch)):
-            ctx.fail("sim.detectors", "a channel is simulated twice")
         if b.sim.laser_calibrated_current_ma <= b.sim.laser_threshold_ma:
             ctx.fail("sim.laser_calibrated_current_ma",
                      f"{b.sim.laser_calibrated_current_ma:g} mA is not above the threshold "
@@ -433,6 +441,8 @@ def load_bench(path: str | Path | None = None) -> BenchConfig:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such bench file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a bench file (not UTF-8 text at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
     try:

@@ -42,7 +42,7 @@ import numpy as np
 
 from .config import BenchConfig
 from .rng import hash_index
-from .sequence import AliceSequence, decode
+from .sequence import AliceSequence, alice_code, decode
 
 __all__ = [
     "Detections",
@@ -50,6 +50,7 @@ __all__ = [
     "SiftState",
     "SiftStats",
     "Sifter",
+    "FLAG_SIFTED",
     "assign_kernel",
     "stats_kernel",
 ]
@@ -58,6 +59,7 @@ NCH = 256
 FLAG_SINGLE = 0
 FLAG_SAME_BASIS = 1
 FLAG_CROSS_BASIS = 2
+FLAG_SIFTED = 4
 MULTI_RANDOM = 0
 MULTI_DISCARD = 1
 SUB_TAGS = 4096
@@ -141,11 +143,33 @@ class SiftParams:
     def max_delay_ps(self) -> int:
         return int(self.delay_ps[self.det_channel].max()) if self.det_channel.size else 0
 
+    @property
+    def outcome_table(self) -> np.ndarray:
+        """Bob's outcome for each set of clicking detectors (a bit mask).
+
+        Bits 0-1: FLAG_SINGLE / FLAG_SAME_BASIS / FLAG_CROSS_BASIS; bit 2: the
+        basis; bit 3: the bit (single clicks only; multi-clicks draw it).
+        """
+        nd = self.det_basis.shape[0]
+        table = np.zeros(1 << nd, np.uint8)
+        for mask in range(1, 1 << nd):
+            dets = [d for d in range(nd) if mask >> d & 1]
+            bases = {int(self.det_basis[d]) for d in dets}
+            if len(bases) == 2:
+                table[mask] = FLAG_CROSS_BASIS
+            elif len({int(self.det_bit[d]) for d in dets}) == 2:
+                table[mask] = FLAG_SAME_BASIS | (bases.pop() << 2)
+            else:
+                d = dets[0]
+                table[mask] = FLAG_SINGLE | (int(self.det_basis[d]) << 2) | (
+                    int(self.det_bit[d]) << 3)
+        return table
+
     def kernel_args(self):
         return (np.int64(self.sync_channel), np.int64(self.sync_period_pulses),
                 np.int64(self.first_sync_pulse), float(self.period_ps),
                 float(self.gate_lo_ps), float(self.gate_hi_ps), self.delay_ps, self.det_index,
-                self.det_basis, self.det_bit, np.int64(self.tracking_syncs),
+                self.outcome_table, np.int64(self.tracking_syncs),
                 np.int64(self.multi_click), self.squash_key, np.int64(self.max_delay_ps))
 
 
@@ -166,69 +190,73 @@ class SiftState:
 # ------------------------------------------------------------------------- kernels
 
 @nb.njit(cache=True)
-def _finalize(pend, npend, horizon, out_pulse, out_basis, out_bit, out_flag, n_out,
-              det_basis, det_bit, multi_click, squash_key, counters):
-    """Emit held detections of pulses < horizon, merged per pulse; return (npend, n_out)."""
-    # pend holds keys pulse << 8 | detector, nearly sorted: insertion sort
-    for i in range(1, npend):
-        v = pend[i]
-        j = i - 1
-        while j >= 0 and pend[j] > v:
-            pend[j + 1] = pend[j]
-            j -= 1
-        pend[j + 1] = v
+def _finalize(pend, npend, unsorted, horizon, outcome, multi_click, squash_key,
+              a_mode, a_key, a_zthr, a_cum, a_pattern,
+              out_pulse, out_basis, out_bit, out_flag, out_code, n_out,
+              counters, hist):
+    """Emit held detections of pulses < horizon, merged per pulse; return (npend, n_out).
+
+    ``pend`` holds keys ``pulse << 8 | detector``. With ``a_mode >= 0`` Alice's
+    code of each pulse is looked up and the sifting statistics are accumulated.
+    """
+    if unsorted:  # nearly sorted: insertion sort
+        for i in range(1, npend):
+            v = pend[i]
+            j = i - 1
+            while j >= 0 and pend[j] > v:
+                pend[j + 1] = pend[j]
+                j -= 1
+            pend[j + 1] = v
     lim = horizon << 8
     i = 0
+    n_pulses = 0
+    n_first = n_out
     while i < npend and pend[i] < lim:
-        pulse = pend[i] >> 8
-        mask = 0
+        key = pend[i]
+        pulse = key >> 8
+        mask = np.int64(1) << (key & 255)
+        i += 1
         while i < npend and (pend[i] >> 8) == pulse:
-            bit_d = 1 << (pend[i] & 255)
+            bit_d = np.int64(1) << (pend[i] & 255)
             if mask & bit_d:
                 counters[C_DUPLICATE] += 1
             mask |= bit_d
             i += 1
-        counters[C_PULSES] += 1
-        # which (basis, bit) outcomes clicked
-        zmask = 0
-        xmask = 0
-        first = -1
-        m = mask
-        d = 0
-        while m:
-            if m & 1:
-                if first < 0:
-                    first = d
-                if det_basis[d] == 0:
-                    zmask |= 1 << det_bit[d]
-                else:
-                    xmask |= 1 << det_bit[d]
-            m >>= 1
-            d += 1
-        if zmask and xmask:
-            counters[C_CROSS_BASIS] += 1
-            if multi_click == MULTI_DISCARD:
-                counters[C_DISCARDED] += 1
-                continue
+        n_pulses += 1
+        o = outcome[mask]
+        typ = o & 3
+        basis = (o >> 2) & 1
+        bit = (o >> 3) & 1
+        if typ != FLAG_SINGLE:
             h = hash_index(squash_key, pulse)
-            basis = np.uint8(h & np.uint64(1))
             bit = np.uint8((h >> np.uint64(1)) & np.uint64(1))
-            flag = FLAG_CROSS_BASIS
-        elif zmask == 3 or xmask == 3:
-            counters[C_SAME_BASIS] += 1
-            h = hash_index(squash_key, pulse)
-            basis = np.uint8(0 if zmask else 1)
-            bit = np.uint8((h >> np.uint64(1)) & np.uint64(1))
-            flag = FLAG_SAME_BASIS
-        else:
-            basis = det_basis[first]
-            bit = det_bit[first]
-            flag = FLAG_SINGLE
+            if typ == FLAG_CROSS_BASIS:
+                counters[C_CROSS_BASIS] += 1
+                if multi_click == MULTI_DISCARD:
+                    counters[C_DISCARDED] += 1
+                    continue
+                basis = np.uint8(h & np.uint64(1))
+            else:
+                counters[C_SAME_BASIS] += 1
         out_pulse[n_out] = pulse
         out_basis[n_out] = basis
         out_bit[n_out] = bit
-        out_flag[n_out] = flag
+        out_flag[n_out] = typ
         n_out += 1
+    counters[C_PULSES] += n_pulses
+    if a_mode >= 0:
+        # Alice's side, in loops of their own so that the hashing vectorizes
+        for r in range(n_first, n_out):
+            out_code[r] = alice_code(out_pulse[r], a_mode, a_key, a_zthr, a_cum, a_pattern)
+        for r in range(n_first, n_out):
+            code = out_code[r]
+            basis = out_basis[r]
+            sift = np.uint8(((code >> 1) & 1) == basis)
+            err = sift & np.uint8((code & 1) != out_bit[r])
+            out_flag[r] |= sift << 2
+            # one histogram cell per (class, basis, sifted, error); four copies
+            # interleaved so that consecutive increments do not wait on each other
+            hist[r & 3, (((code >> 2) * 2 + basis) << 2) | (sift << 1) | err] += 1
     rest = npend - i
     for r in range(rest):
         pend[r] = pend[i + r]
@@ -238,14 +266,16 @@ def _finalize(pend, npend, horizon, out_pulse, out_basis, out_bit, out_flag, n_o
 @nb.njit(cache=True)
 def assign_kernel(ts, ch, final,
                   sync_channel, sync_period, first_sync_pulse, nominal_period, gate_lo,
-                  gate_hi, delay, det_index, det_basis, det_bit, tracking, multi_click,
-                  squash_key, max_delay,
+                  gate_hi, delay, det_index, outcome, tracking, multi_click, squash_key,
+                  max_delay, a_mode, a_key, a_zthr, a_cum, a_pattern,
                   ints, period, ring_t, ring_p, pend, counters, tags_by_channel,
-                  in_gate_by_channel, out_pulse, out_basis, out_bit, out_flag):
-    """Assign one block of tags to pulses; return the number of detections written.
+                  in_gate_by_channel, detected, sifted, errors,
+                  out_pulse, out_basis, out_bit, out_flag, out_code):
+    hist = np.zeros((4, 64), np.int64)
+    """Sift one block of tags; return the number of detections written.
 
     With ``final`` true, every held detection is released at the end (end of run).
-    ``pend`` must have room for the held detections plus ``SUB_TAGS``.
+    ``pend`` must have room for the held detections plus the block's tags.
     """
     n = ts.shape[0]
     n_out = 0
@@ -261,6 +291,14 @@ def assign_kernel(ts, ch, final,
     P = period[0]
     invP = period[1]
     sync_span = sync_period * 1.0
+    inv_span = 1.0 / sync_span
+    cached_dp = np.int64(0)
+    inv_dp = 0.0
+    out_of_gate = 0
+    before_sync = 0
+    other = 0
+    last_key = pend[npend - 1] if npend > 0 else np.int64(-1)
+    unsorted = False
     start = 0
     while start < n:
         stop = min(start + SUB_TAGS, n)
@@ -274,7 +312,7 @@ def assign_kernel(ts, ch, final,
                     last_p = first_sync_pulse
                 else:
                     interval = t - last_t
-                    k = math.floor(interval / (sync_span * P) + 0.5)
+                    k = math.floor(interval * invP * inv_span + 0.5)
                     resid = interval - k * sync_span * P
                     if k < 1 or resid < -0.5 * P or resid >= 0.5 * P:
                         counters[C_SYNC_REJECTED] += 1
@@ -293,15 +331,21 @@ def assign_kernel(ts, ch, final,
                 back = min(nsync - 1, tracking)
                 if back > 0:
                     o = (head - 1 - back) % ring_n
-                    P = (last_t - ring_t[o]) / (last_p - ring_p[o])
-                    invP = 1.0 / P
+                    dp = last_p - ring_p[o]
+                    if dp != cached_dp:
+                        cached_dp = dp
+                        inv_dp = 1.0 / dp
+                    span_t = np.float64(last_t - ring_t[o])
+                    # two independent operations, so the next detections wait for one
+                    P = span_t * inv_dp
+                    invP = dp / span_t
                 continue
             d = det_index[c]
             if d < 0:
-                counters[C_OTHER] += 1
+                other += 1
                 continue
             if nsync == 0:
-                counters[C_BEFORE_SYNC] += 1
+                before_sync += 1
                 continue
             dt = np.float64(t - delay[c] - last_t)
             slot = math.floor(dt * invP + 0.5)
@@ -309,27 +353,47 @@ def assign_kernel(ts, ch, final,
             if gate_lo <= phase < gate_hi:
                 pulse = last_p + np.int64(slot)
                 if pulse < 0:
-                    counters[C_BEFORE_SYNC] += 1
+                    before_sync += 1
                     continue
-                pend[npend] = (pulse << 8) | d
+                key = (pulse << 8) | d
+                unsorted |= key < last_key
+                last_key = key
+                pend[npend] = key
                 npend += 1
                 in_gate_by_channel[c] += 1
             else:
-                counters[C_OUT_OF_GATE] += 1
+                out_of_gate += 1
         if stop > 0:
             ints[I_LAST_TAG] = ts[stop - 1]
         # release the pulses no later tag can reach
         if nsync > 0 and npend > 0:
             th = ints[I_LAST_TAG] - max_delay - last_t
             horizon = last_p + np.int64(math.floor(th * invP)) - 1
-            npend, n_out = _finalize(pend, npend, horizon, out_pulse, out_basis, out_bit,
-                                     out_flag, n_out, det_basis, det_bit, multi_click,
-                                     squash_key, counters)
+            npend, n_out = _finalize(pend, npend, unsorted, horizon, outcome, multi_click,
+                                     squash_key, a_mode, a_key, a_zthr, a_cum, a_pattern,
+                                     out_pulse, out_basis, out_bit, out_flag, out_code, n_out,
+                                     counters, hist)
+            unsorted = False
         start = stop
     if final and npend > 0:
-        npend, n_out = _finalize(pend, npend, np.int64(1) << np.int64(54), out_pulse,
-                                 out_basis, out_bit, out_flag, n_out, det_basis, det_bit,
-                                 multi_click, squash_key, counters)
+        npend, n_out = _finalize(pend, npend, unsorted, np.int64(1) << np.int64(54), outcome,
+                                 multi_click, squash_key, a_mode, a_key, a_zthr, a_cum,
+                                 a_pattern, out_pulse, out_basis, out_bit, out_flag, out_code,
+                                 n_out, counters, hist)
+    for k in range(detected.shape[0]):
+        for b in range(2):
+            for f in range(4):
+                v = 0
+                for r in range(4):
+                    v += hist[r, ((k * 2 + b) << 2) | f]
+                detected[k, b] += v
+                if f & 2:
+                    sifted[k, b] += v
+                if f & 1:
+                    errors[k, b] += v
+    counters[C_OUT_OF_GATE] += out_of_gate
+    counters[C_BEFORE_SYNC] += before_sync
+    counters[C_OTHER] += other
     counters[C_IN_GATE] = 0
     for c in range(in_gate_by_channel.shape[0]):
         counters[C_IN_GATE] += in_gate_by_channel[c]
@@ -345,176 +409,170 @@ def assign_kernel(ts, ch, final,
 
 @nb.njit(cache=True)
 def stats_kernel(bob_basis, bob_bit, codes, detected, sifted, errors):
-    """Accumulate per (intensity, basis) counts: detections by Bob's basis, sifted, errors."""
+    """Accumulate per (intensity, basis) counts from Bob's results and Alice's codes."""
     for i in range(codes.shape[0]):
         c = codes[i]
         k = c >> 2
-        a_basis = (c >> 1) & 1
         b = bob_basis[i]
         detected[k, b] += 1
-        if b == a_basis:
+        if ((c >> 1) & 1) == b:
             sifted[k, b] += 1
             errors[k, b] += (c & 1) != bob_bit[i]
 
 
-@nb.njit(cache=True)
-def _sifted_bits(bob_basis, codes, basis, out):
-    n = 0
-    for i in range(codes.shape[0]):
-        if bob_basis[i] == basis and ((codes[i] >> 1) & 1) == basis:
-            out[n] = i
-            n += 1
-    return n
-
-
 # ------------------------------------------------------------------------- Python API
+
+_COUNTER_NAMES = ("syncs", "syncs_rejected", "sync_gaps", "syncs_missed", "before_first_sync",
+                  "out_of_gate", "in_gate", "detected_pulses", "multi_same_basis",
+                  "multi_cross_basis", "multi_discarded", "duplicate_clicks", "other_channel")
+
 
 @dataclass
 class Detections:
-    """Bob's merged detections of one block, one row per pulse, in pulse order."""
+    """Merged detections, one row per detected pulse, in pulse order.
+
+    ``basis``/``bit`` are Bob's result (after squashing); ``flag & 3`` is the
+    multi-click type (FLAG_SINGLE, FLAG_SAME_BASIS, FLAG_CROSS_BASIS) and
+    ``flag & FLAG_SIFTED`` marks rows whose basis matches Alice's. ``code`` is
+    Alice's code of the pulse (:mod:`qkdctl.sequence`), or 255 where the
+    sifter ran without Alice's sequence (Bob's side alone).
+    """
 
     pulse: np.ndarray
     basis: np.ndarray
     bit: np.ndarray
     flag: np.ndarray
+    code: np.ndarray
+
+    FIELDS = ("pulse", "basis", "bit", "flag", "code")
 
     def __len__(self) -> int:
         return self.pulse.shape[0]
 
     @classmethod
+    def empty(cls) -> Detections:
+        e8 = np.zeros(0, np.uint8)
+        return cls(np.zeros(0, np.int64), e8, e8.copy(), e8.copy(), e8.copy())
+
+    @classmethod
     def concat(cls, parts: list[Detections]) -> Detections:
         if not parts:
-            e64, e8 = np.zeros(0, np.int64), np.zeros(0, np.uint8)
-            return cls(e64, e8, e8.copy(), e8.copy())
-        return cls(*(np.concatenate([getattr(p, f) for p in parts])
-                     for f in ("pulse", "basis", "bit", "flag")))
-
-
-class SlotAssigner:
-    """Bob's half of the sifting core: time tags to per-pulse detections.
-
-    Feed blocks with :meth:`process` and end with :meth:`finish`.
-    """
-
-    def __init__(self, params: SiftParams):
-        self.params = params
-        self.state = SiftState()
-        if params.tracking_syncs + 1 > self.state.ring_t.shape[0]:
-            raise ValueError("period_tracking_syncs too large")
-        self._args = params.kernel_args()
-
-    def _run(self, ts: np.ndarray, ch: np.ndarray, final: bool) -> Detections:
-        s = self.state
-        ts = np.ascontiguousarray(ts, dtype=np.int64)
-        ch = np.ascontiguousarray(ch, dtype=np.uint8)
-        if ts.shape != ch.shape:
-            raise ValueError("timestamps and channels differ in length")
-        npend = int(s.ints[I_NPEND])
-        if s.pend.shape[0] < npend + ts.shape[0] + 1:
-            # a block can hold back at most all of its own detections
-            grown = np.zeros(max(2 * s.pend.shape[0], npend + ts.shape[0] + 1), np.int64)
-            grown[:npend] = s.pend[:npend]
-            s.pend = grown
-        cap = npend + ts.shape[0] + 1
-        out_pulse = np.empty(cap, np.int64)
-        out_basis = np.empty(cap, np.uint8)
-        out_bit = np.empty(cap, np.uint8)
-        out_flag = np.empty(cap, np.uint8)
-        n = assign_kernel(ts, ch, final, *self._args, s.ints, s.period, s.ring_t, s.ring_p,
-                          s.pend, s.counters, s.tags_by_channel, s.in_gate_by_channel,
-                          out_pulse, out_basis, out_bit, out_flag)
-        return Detections(out_pulse[:n], out_basis[:n], out_bit[:n], out_flag[:n])
-
-    def process(self, ts: np.ndarray, ch: np.ndarray) -> Detections:
-        """Assign a block of tags; return the detections that are final so far."""
-        return self._run(ts, ch, False)
-
-    def finish(self) -> Detections:
-        """Release the detections still held back (end of the run)."""
-        e = np.zeros(0, np.int64)
-        return self._run(e, np.zeros(0, np.uint8), True)
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
 
     @property
-    def period_ps(self) -> float:
-        return float(self.state.period[0])
+    def sifted(self) -> np.ndarray:
+        return (self.flag & FLAG_SIFTED) != 0
 
     @property
-    def counters(self) -> dict[str, int]:
-        names = ["syncs", "syncs_rejected", "sync_gaps", "syncs_missed", "before_first_sync",
-                 "out_of_gate", "in_gate", "detected_pulses", "multi_same_basis",
-                 "multi_cross_basis", "multi_discarded", "duplicate_clicks", "other_channel"]
-        return {k: int(v) for k, v in zip(names, self.state.counters, strict=True)}
+    def alice_basis(self) -> np.ndarray:
+        return decode(self.code)[0]
+
+    @property
+    def alice_bit(self) -> np.ndarray:
+        return decode(self.code)[1]
+
+    @property
+    def intensity(self) -> np.ndarray:
+        return decode(self.code)[2]
+
+    def key_index(self, basis: int = 0) -> np.ndarray:
+        """Rows that are sifted key bits of ``basis`` (default Z, the key basis)."""
+        return np.flatnonzero(self.sifted & (self.basis == basis))
 
 
 @dataclass
 class SiftStats:
-    """Counts per intensity class k and basis b (0 = Z, 1 = X)."""
+    """Counts per intensity class k and basis b (0 = Z, 1 = X).
+
+    ``detected[k, b]``: detected pulses of class k that Bob measured in b;
+    ``sifted[k, b]``: those where Alice's basis is b too; ``errors[k, b]``:
+    sifted ones whose bits differ.
+    """
 
     n_intensities: int
-    detected: np.ndarray = None   # [k, Bob's basis]
-    sifted: np.ndarray = None     # [k, b]
-    errors: np.ndarray = None     # [k, b]
+    detected: np.ndarray = None
+    sifted: np.ndarray = None
+    errors: np.ndarray = None
 
     def __post_init__(self):
-        shape = (self.n_intensities, 2)
         for name in ("detected", "sifted", "errors"):
             if getattr(self, name) is None:
-                setattr(self, name, np.zeros(shape, np.int64))
+                setattr(self, name, np.zeros((self.n_intensities, 2), np.int64))
 
-    def update(self, det: Detections, codes: np.ndarray) -> None:
-        stats_kernel(det.basis, det.bit, codes, self.detected, self.sifted, self.errors)
-
-    def merged(self, other: SiftStats) -> SiftStats:
-        return SiftStats(self.n_intensities, self.detected + other.detected,
-                         self.sifted + other.sifted, self.errors + other.errors)
-
-
-@dataclass
-class SiftedBlock:
-    """One block's output: detections with Alice's choices, and the sifted key bits."""
-
-    detections: Detections
-    alice_codes: np.ndarray
-    key_index: np.ndarray     # rows of ``detections`` that are sifted Z-basis key bits
-
-    @property
-    def alice_basis(self):
-        return decode(self.alice_codes)[0]
-
-    @property
-    def alice_bit(self):
-        return decode(self.alice_codes)[1]
-
-    @property
-    def intensity(self):
-        return decode(self.alice_codes)[2]
-
-    @property
-    def bob_key(self) -> np.ndarray:
-        return self.detections.bit[self.key_index]
-
-    @property
-    def alice_key(self) -> np.ndarray:
-        return (self.alice_codes[self.key_index] & 1).astype(np.uint8)
+    def update(self, det: Detections) -> None:
+        """Add a block whose ``code`` column holds Alice's codes."""
+        stats_kernel(det.basis, det.bit, det.code, self.detected, self.sifted, self.errors)
 
 
 class Sifter:
-    """The whole sifting core for one run: tags and Alice's sequence in, sifted blocks out."""
+    """The sifting core for one run.
 
-    def __init__(self, params: SiftParams, sequence: AliceSequence):
-        self.assigner = SlotAssigner(params)
+    ``Sifter(params, sequence)`` does the whole job (tags and Alice's sequence
+    in, detections with Alice's choices and running statistics out);
+    ``Sifter(params)`` is Bob's half alone (tags to per-pulse detections).
+    Feed blocks with :meth:`process`, end with :meth:`finish`.
+    """
+
+    def __init__(self, params: SiftParams, sequence: AliceSequence | None = None):
+        self.params = params
         self.sequence = sequence
+        self.state = SiftState()
+        if params.tracking_syncs + 1 > self.state.ring_t.shape[0]:
+            raise ValueError("period_tracking_syncs too large")
         self.stats = SiftStats(params.n_intensities)
+        if sequence is None:
+            self._alice = (np.int64(-1), np.uint64(0), np.uint64(0), np.zeros(0, np.uint64),
+                           np.zeros(1, np.uint8))
+        else:
+            mode, key, zthr, cum, pat = sequence.params
+            self._alice = (np.int64(mode), key, zthr, cum, pat)
+        self._args = params.kernel_args()
 
-    def _complete(self, det: Detections) -> SiftedBlock:
-        codes = self.sequence.codes(det.pulse)
-        self.stats.update(det, codes)
-        idx = np.empty(len(det), np.int64)
-        n = _sifted_bits(det.basis, codes, 0, idx)
-        return SiftedBlock(det, codes, idx[:n])
+    def _run(self, ts, ch, final: bool) -> Detections:
+        s = self.state
+        ts = np.ascontiguousarray(ts, dtype=np.int64)
+        ch = np.ascontiguousarray(ch, dtype=np.uint8)
+        if ts.ndim != 1 or ts.shape != ch.shape:
+            raise ValueError("timestamps and channels must be 1-d arrays of equal length")
+        npend = int(s.ints[I_NPEND])
+        if s.pend.shape[0] < npend + ts.shape[0] + 1:
+            grown = np.zeros(max(2 * s.pend.shape[0], npend + ts.shape[0] + 1), np.int64)
+            grown[:npend] = s.pend[:npend]
+            s.pend = grown
+        cap = npend + ts.shape[0] + 1
+        out = (np.empty(cap, np.int64), np.empty(cap, np.uint8), np.empty(cap, np.uint8),
+               np.empty(cap, np.uint8), np.full(cap, 255, np.uint8) if self.sequence is None
+               else np.empty(cap, np.uint8))
+        st = self.stats
+        n = assign_kernel(ts, ch, final, *self._args, *self._alice, s.ints, s.period,
+                          s.ring_t, s.ring_p, s.pend, s.counters, s.tags_by_channel,
+                          s.in_gate_by_channel, st.detected, st.sifted, st.errors, *out)
+        return Detections(*(a[:n] for a in out))
 
-    def process(self, ts: np.ndarray, ch: np.ndarray) -> SiftedBlock:
-        return self._complete(self.assigner.process(ts, ch))
+    def process(self, ts: np.ndarray, ch: np.ndarray) -> Detections:
+        """Sift a block of tags; return the detections that are final so far."""
+        return self._run(ts, ch, False)
 
-    def finish(self) -> SiftedBlock:
-        return self._complete(self.assigner.finish())
+    def finish(self) -> Detections:
+        """Release the detections still held back (end of the run)."""
+        return self._run(np.zeros(0, np.int64), np.zeros(0, np.uint8), True)
+
+    @property
+    def period_ps(self) -> float:
+        """Current estimate of the pulse period on the tagger's clock."""
+        return float(self.state.period[0])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in zip(_COUNTER_NAMES, self.state.counters, strict=True)}
+
+    @property
+    def tags_by_channel(self) -> dict[int, int]:
+        t = self.state.tags_by_channel
+        return {int(c): int(t[c]) for c in np.flatnonzero(t)}
+
+    @property
+    def in_gate_by_channel(self) -> dict[int, int]:
+        t = self.state.in_gate_by_channel
+        return {int(c): int(t[c]) for c in np.flatnonzero(t)}

@@ -80,16 +80,17 @@ def _emit(pairs, p: SiftParams) -> Detections:
         if r is not None:
             rows.append((pulse, *r))
     if not rows:
-        return Detections.concat([])
+        return Detections.empty()
     a = np.array(rows, dtype=np.int64)
     return Detections(a[:, 0].copy(), a[:, 1].astype(np.uint8), a[:, 2].astype(np.uint8),
-                      a[:, 3].astype(np.uint8))
+                      a[:, 3].astype(np.uint8), np.full(len(rows), 255, np.uint8))
 
 
 def assign_python(ts, ch, p: SiftParams) -> Detections:
     """Tag-by-tag reference of the assignment, multi-click merge and squashing."""
     ns = p.sync_period_pulses
     period = p.period_ps
+    inv_period = 1.0 / period
     syncs: list[tuple[int, int]] = []
     pairs = []
     for t, c in zip(ts.tolist(), ch.tolist(), strict=True):
@@ -99,7 +100,7 @@ def assign_python(ts, ch, p: SiftParams) -> Detections:
             else:
                 last_t, last_p = syncs[-1]
                 interval = t - last_t
-                k = math.floor(interval / (ns * 1.0 * period) + 0.5)
+                k = math.floor(interval * inv_period * (1.0 / (ns * 1.0)) + 0.5)
                 resid = interval - k * (ns * 1.0) * period
                 if k < 1 or resid < -0.5 * period or resid >= 0.5 * period:
                     continue
@@ -107,14 +108,15 @@ def assign_python(ts, ch, p: SiftParams) -> Detections:
             back = min(len(syncs) - 1, p.tracking_syncs)
             if back > 0:
                 (t1, p1), (t0, p0) = syncs[-1], syncs[-1 - back]
-                period = (t1 - t0) / (p1 - p0)
+                period = float(t1 - t0) * (1.0 / (p1 - p0))
+                inv_period = (p1 - p0) / float(t1 - t0)
             continue
         d = int(p.det_index[c])
         if d < 0 or not syncs:
             continue
         last_t, last_p = syncs[-1]
         dt = float(t - int(p.delay_ps[c]) - last_t)
-        slot = math.floor(dt * (1.0 / period) + 0.5)
+        slot = math.floor(dt * inv_period + 0.5)
         phase = dt - slot * period
         if p.gate_lo_ps <= phase < p.gate_hi_ps and last_p + slot >= 0:
             pairs.append((last_p + slot, d))
@@ -135,16 +137,18 @@ def assign_numpy(ts, ch, p: SiftParams) -> Detections:
     is_sync = ch == p.sync_channel
     s_t = ts[is_sync]
     if s_t.size == 0:
-        return Detections.concat([])
+        return Detections.empty()
     ns = p.sync_period_pulses
     k = np.floor(np.diff(s_t) / (ns * 1.0 * p.period_ps) + 0.5).astype(np.int64)
     s_p = p.first_sync_pulse + np.concatenate([[0], np.cumsum(k * ns)])
     idx = np.arange(s_t.size)
     back = np.minimum(idx, p.tracking_syncs)
     o = idx - back
+    dt_s = (s_t - s_t[o]).astype(np.float64)
+    dp_s = (s_p - s_p[o]).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        per = np.where(back > 0, (s_t - s_t[o]) / (s_p - s_p[o]).astype(np.float64),
-                       p.period_ps)
+        per = np.where(back > 0, dt_s * (1.0 / dp_s), p.period_ps)
+        inv_per = np.where(back > 0, dp_s / dt_s, 1.0 / p.period_ps)
     # reference sync of each tag: the last sync before it in the stream
     ref = np.cumsum(is_sync) - 1
     det = p.det_index[ch]
@@ -153,7 +157,7 @@ def assign_numpy(ts, ch, p: SiftParams) -> Detections:
     c = ch[sel]
     P = per[r]
     dt = (ts[sel] - p.delay_ps[c] - s_t[r]).astype(np.float64)
-    slot = np.floor(dt * (1.0 / P) + 0.5)
+    slot = np.floor(dt * inv_per[r] + 0.5)
     phase = dt - slot * P
     pulse = s_p[r] + slot.astype(np.int64)
     g = (phase >= p.gate_lo_ps) & (phase < p.gate_hi_ps) & (pulse >= 0)
@@ -186,4 +190,5 @@ def assign_numpy(ts, ch, p: SiftParams) -> Detections:
     bit[cross] = hb[cross]
     flag[cross] = FLAG_CROSS_BASIS
     keep = ~cross if p.multi_click == MULTI_DISCARD else np.ones(up.shape, bool)
-    return Detections(up[keep], basis[keep], bit[keep], flag[keep])
+    return Detections(up[keep], basis[keep], bit[keep], flag[keep],
+                      np.full(int(keep.sum()), 255, np.uint8))

@@ -391,6 +391,8 @@ class TagGenerator:
             n = _simulate(n_end, out_t, out_c, *self._args())
             parts_t.append(out_t[:n])
             parts_c.append(out_c[:n])
+        if not parts_t:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint8)
         if len(parts_t) == 1:
             return parts_t[0].copy(), parts_c[0].copy()
         return np.concatenate(parts_t), np.concatenate(parts_c)

@@ -170,7 +170,8 @@ class OpticalTable:
             x, a, k = code & 1, (code >> 1) & 1, code >> 2
             mu = self.mean_photon_numbers[k] * self.power_scale * self.transmittance
             for j, d in enumerate(self.detectors):
-                p_basis = self.bob_z_probability if d.basis == BASIS_Z else 1 - self.bob_z_probability
+                pz = self.bob_z_probability
+                p_basis = pz if d.basis == BASIS_Z else 1 - pz
                 if d.basis == a:
                     route = (1 - e) if d.bit == x else e
                 else:

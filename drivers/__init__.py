@@ -1,0 +1,68 @@
+"""Instrument drivers (imported as ``qkdctl.drivers``).
+
+:mod:`.base` holds the interfaces (:class:`Laser`, :class:`PolarizationModulator`,
+:class:`SinglePhotonDetector`, :class:`TimeTagger`); each instrument family has
+its module; :mod:`.mock` holds the simulated instruments. :data:`DRIVERS` maps
+a bench file's ``driver`` name and an instrument's role to the driver class.
+"""
+
+from __future__ import annotations
+
+from qkdctl.errors import ConfigError
+
+from .base import (
+    ROLES,
+    Identity,
+    Instrument,
+    Laser,
+    PolarizationModulator,
+    SinglePhotonDetector,
+    TimeTagger,
+)
+from .mock import (
+    MOCK_DRIVERS,
+    MockDetectors,
+    MockLaser,
+    MockPolarizationModulator,
+    MockTimeTagger,
+    build_mock_bench,
+)
+
+__all__ = [
+    "DRIVERS",
+    "ROLES",
+    "Identity",
+    "Instrument",
+    "Laser",
+    "MockDetectors",
+    "MockLaser",
+    "MockPolarizationModulator",
+    "MockTimeTagger",
+    "PolarizationModulator",
+    "SinglePhotonDetector",
+    "TimeTagger",
+    "available_drivers",
+    "build_mock_bench",
+    "driver_class",
+]
+
+DRIVERS: dict[str, dict[str, type[Instrument]]] = {
+    "mock": dict(MOCK_DRIVERS),
+}
+"""Driver name (``[instruments.<role>] driver = ...``) -> role -> driver class."""
+
+
+def available_drivers() -> dict[str, tuple[str, ...]]:
+    """Driver names, each with the roles it provides, sorted by name."""
+    return {name: tuple(roles) for name, roles in sorted(DRIVERS.items())}
+
+
+def driver_class(driver: str, role: str) -> type[Instrument]:
+    """The class of driver ``driver`` for role ``role`` (ConfigError if there is none)."""
+    if driver not in DRIVERS:
+        raise ConfigError(f"unknown driver {driver!r}; available: {', '.join(sorted(DRIVERS))}")
+    roles = DRIVERS[driver]
+    if role not in roles:
+        raise ConfigError(f"driver {driver!r} has no {role!r} instrument; it provides: "
+                          f"{', '.join(roles)}")
+    return roles[role]
