@@ -49,6 +49,17 @@ def next_u64(state):
 
 
 @nb.njit(cache=True, inline="always")
+def uniform_at(ctr):
+    """Advance a stream counter held in a local variable: (draw in (0, 1], new counter).
+
+    The same values as :func:`next_uniform`, without a round trip through memory
+    for the counter, for the hottest loops.
+    """
+    ctr = ctr + GOLDEN
+    return (np.float64(mix64(ctr) >> _S11) + 1.0) * _INV53, ctr
+
+
+@nb.njit(cache=True, inline="always")
 def next_uniform(state):
     """A double in (0, 1]: never 0, so that log() is always finite."""
     return (np.float64(next_u64(state) >> _S11) + 1.0) * _INV53
@@ -87,6 +98,26 @@ def next_normal(state):
         return _NORMAL_Q[i] + (x - i) * (_NORMAL_Q[i + 1] - _NORMAL_Q[i])
     t = _normal_tail(state)
     return -t if i == 0 else t
+
+
+@nb.njit(cache=True, inline="always")
+def normal_clipped_at(ctr, clip):
+    """:func:`next_normal_clipped` on a counter held in a local variable."""
+    while True:
+        u, ctr = uniform_at(ctr)
+        x = u * _NCELLS
+        i = int(x)
+        if 1 <= i < _NCELLS - 1:
+            z = _NORMAL_Q[i] + (x - i) * (_NORMAL_Q[i + 1] - _NORMAL_Q[i])
+        else:
+            st = np.empty(1, np.uint64)
+            st[0] = ctr
+            z = _normal_tail(st)
+            ctr = st[0]
+            if i == 0:
+                z = -z
+        if -clip <= z <= clip:
+            return z, ctr
 
 
 @nb.njit(cache=True, inline="always")

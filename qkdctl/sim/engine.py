@@ -29,14 +29,23 @@ import math
 import numba as nb
 import numpy as np
 
-from ..rng import derive_key, next_normal_clipped, next_uniform
+from ..rng import (
+    derive_key,
+    hash_index,
+    next_normal_clipped,
+    next_uniform,
+    normal_clipped_at,
+    uniform_at,
+)
 from ..sequence import alice_code
 from .table import OpticalTable
 
-__all__ = ["SUB_PULSES", "TagGenerator"]
+__all__ = ["BATCH_SUBCHUNKS", "SUB_PULSES", "TagGenerator"]
 
 SUB_PULSES = 1 << 16
+BATCH_SUBCHUNKS = 16
 _NEVER = np.int64(1) << np.int64(62)
+nb_prange = nb.prange
 
 
 @nb.njit(cache=True, inline="always")
@@ -85,70 +94,119 @@ def _merge(a, na, b, nb_, out):
 
 
 @nb.njit(cache=True)
-def _simulate(n_end, out_t, out_ch,
-              # state
-              pos, photon_rng, sync_rng, dark_rng, ap_rng, next_dark, last_reg, pending_ap,
-              cand_t, cand_n, reg_t, reg_n,
-              # work
-              ph_t, ph_n, dk_t, tmp_a, tmp_b,
-              # Alice
-              mode, key, z_thr, cum_thr, pattern,
-              # physics
-              p_click, p_any, p_max, log1m_pmax,
-              offset, p_int, p_frac, resolution, sync_period, sync_jitter, sync_clip,
-              det_channel, sync_channel, delay, jitter, jit_clip, dark_mean_ps,
-              dead_ps, ap_prob, ap_mean_ps):
-    """Simulate pulses pos[0] .. n_end-1 into out_t/out_ch; return tags written.
+def _photons(c, n1, ctr, ph_t, ph_n, mode, key, z_thr, cum_thr, pattern, p_click, p_any,
+             p_rest, p_max, log1m_pmax, offset, p_int, p_frac, delay, jitter, jit_clip):
+    """Photon clicks of candidates c .. n1-1; returns (next candidate, stream counter).
 
-    Stops early (pos[0] < n_end on return) when the output could overflow.
+    The stream counter is kept in a register here: this loop runs for every
+    candidate pulse and is the simulator's hottest.
     """
-    ndet = det_channel.shape[0]
-    nstream = ndet + 1
-    n_out = 0
-    sub = ph_t.shape[1]
-    cap_out = out_t.shape[0]
-    cap_reg = reg_t.shape[1]
-    cap_cand = cand_t.shape[1]
-    cap_dk = dk_t.shape[1]
-    while pos[0] < n_end:
-        # worst case this sub-chunk can release
-        bound = 0
-        for s in range(nstream):
-            bound += reg_n[s]
-        bound += ndet * (sub + cap_dk + cap_cand) + sub // sync_period + 2
-        if n_out + bound > cap_out:
-            break
-        n0 = pos[0]
-        n1 = min(n0 + sub, n_end)
-
-        # 1. photon clicks: geometric gaps to candidates, then thinning
-        for j in range(ndet):
-            ph_n[j] = 0
-        c = pos[1]
-        while c < n1:
-            code = alice_code(c, mode, key, z_thr, cum_thr, pattern)
-            u = next_uniform(photon_rng)
-            v = u * p_max
-            if v <= p_any[code]:
+    ndet = ph_n.shape[0]
+    cap = ph_t.shape[1]
+    for j in range(ndet):
+        ph_n[j] = 0
+    while c < n1:
+        code = alice_code(c, mode, key, z_thr, cum_thr, pattern)
+        u, ctr = uniform_at(ctr)
+        v = u * p_max
+        if v <= p_any[code]:
+            # Given a click among detectors start.. , v is uniform on (0, P(click)]
+            # and picks the first of them that clicks; then one draw decides whether
+            # any later detector clicks too (probability p_rest), and so on.
+            start = 0
+            while True:
                 q = 1.0
                 first = ndet - 1
-                for j in range(ndet):
+                for j in range(start, ndet):
                     q *= 1.0 - p_click[code, j]
                     if v <= 1.0 - q:
                         first = j
                         break
-                for j in range(first, ndet):
-                    if j > first and next_uniform(photon_rng) > p_click[code, j]:
-                        continue
-                    x = next_normal_clipped(photon_rng, jit_clip)
-                    ph_t[j, ph_n[j]] = _tag_time(c, offset, p_int, p_frac,
-                                                 delay[j] + jitter[j] * x)
-                    ph_n[j] += 1
-            if p_max >= 1.0:
-                c += 1
+                x, ctr = normal_clipped_at(ctr, jit_clip)
+                if ph_n[first] >= cap:
+                    return c, ctr, True
+                ph_t[first, ph_n[first]] = _tag_time(c, offset, p_int, p_frac,
+                                                     delay[first] + jitter[first] * x)
+                ph_n[first] += 1
+                if first == ndet - 1:
+                    break
+                v, ctr = uniform_at(ctr)
+                if v > p_rest[code, first]:
+                    break
+                start = first + 1
+        if p_max >= 1.0:
+            c += 1
+        else:
+            g, ctr = uniform_at(ctr)
+            c += 1 + np.int64(math.log(g) / log1m_pmax)
+    return c, ctr, False
+
+
+@nb.njit(cache=True, parallel=True)
+def _photons_batch(s_first, nb, n0, n_end, carry_c, carry_ctr, photon_key, ph_t, ph_n,
+                   end_c, end_ctr, overflow, mode, key, z_thr, cum_thr, pattern, p_click,
+                   p_any, p_rest, p_max, log1m_pmax, offset, p_int, p_frac, delay, jitter,
+                   jit_clip):
+    """Photon clicks of sub-chunks s_first .. s_first+nb-1, in parallel.
+
+    Sub-chunk s covers pulses [s * SUB_PULSES, (s + 1) * SUB_PULSES) and has a
+    random stream of its own keyed by s; its first candidate is drawn afresh
+    from its first pulse (exact: the geometric law is memoryless). A sub-chunk
+    cut by the end of a call continues from (carry_c, carry_ctr) in the next.
+    """
+    sub = np.int64(SUB_PULSES)
+    for b in nb_prange(nb):
+        s = s_first + b
+        lo = max(n0, s * sub)
+        hi = min(n_end, (s + 1) * sub)
+        if b == 0 and lo % sub != 0:
+            c = carry_c
+            ctr = carry_ctr
+        else:
+            ctr = hash_index(photon_key, s)
+            if p_max <= 0.0:
+                c = _NEVER
+            elif p_max >= 1.0:
+                c = lo
             else:
-                c += 1 + np.int64(math.log(next_uniform(photon_rng)) / log1m_pmax)
-        pos[1] = c
+                g, ctr = uniform_at(ctr)
+                c = lo + np.int64(math.log(g) / log1m_pmax)
+        c, ctr, ovf = _photons(c, hi, ctr, ph_t[b], ph_n[b], mode, key, z_thr, cum_thr,
+                               pattern, p_click, p_any, p_rest, p_max, log1m_pmax, offset,
+                               p_int, p_frac, delay, jitter, jit_clip)
+        end_c[b] = c
+        end_ctr[b] = ctr
+        overflow[b] = ovf
+
+
+@nb.njit(cache=True)
+def _simulate(n_end, out_t, out_ch,
+              # state
+              pos, sync_rng, dark_rng, ap_rng, next_dark, last_reg, pending_ap,
+              cand_t, cand_n, reg_t, reg_n,
+              # work: photon clicks of the batch's sub-chunks, from _photons_batch
+              ph_t3, ph_n2, dk_t, tmp_a, tmp_b,
+              # physics
+              offset, p_int, p_frac, resolution, sync_period, sync_jitter, sync_clip,
+              det_channel, sync_channel, delay, jitter, jit_clip, dark_mean_ps,
+              dead_ps, ap_prob, ap_mean_ps):
+    """Everything after the photon clicks, for pulses pos[0] .. n_end-1; returns tags written.
+
+    The caller sizes ``out_t`` for the worst case of the batch.
+    """
+    ndet = det_channel.shape[0]
+    n_out = 0
+    sub = np.int64(SUB_PULSES)
+    cap_reg = reg_t.shape[1]
+    cap_cand = cand_t.shape[1]
+    cap_dk = dk_t.shape[1]
+    b = -1
+    while pos[0] < n_end:
+        b += 1
+        n0 = pos[0]
+        n1 = min((n0 // sub + 1) * sub, n_end)
+        ph_t = ph_t3[b]
+        ph_n = ph_n2[b]
 
         # 2. sync tags (final once below their horizon; stored as stream ndet)
         first_sync = ((n0 + sync_period - 1) // sync_period) * sync_period
@@ -261,7 +319,8 @@ class TagGenerator:
     ``generate(n_pulses)`` simulates the next ``n_pulses`` pulses of Alice and
     returns the tags that are final (sorted by time); ``finish()`` returns the
     events still held back. Concatenating all the blocks gives the same tags
-    whatever the sizes asked for.
+    whatever the sizes asked for. The photon clicks of up to
+    :data:`BATCH_SUBCHUNKS` sub-chunks are drawn in parallel (numba threads).
     """
 
     def __init__(self, table: OpticalTable, seed: int):
@@ -269,13 +328,11 @@ class TagGenerator:
         self.seed = int(seed)
         ndet = len(table.detectors)
         self._ndet = ndet
-        self.pos = np.zeros(2, np.int64)  # [next pulse to simulate, next photon candidate]
-
-        def stream(label):
-            return np.array([derive_key(self.seed, label)], dtype=np.uint64)
-
-        self.photon_rng = stream("photons")
-        self.sync_rng = stream("sync")
+        # [next pulse to simulate, next photon candidate of a cut sub-chunk]
+        self.pos = np.zeros(2, np.int64)
+        self.photon_key = np.uint64(derive_key(self.seed, "photons"))
+        self.photon_ctr = np.uint64(0)  # stream counter of a cut sub-chunk
+        self.sync_rng = np.array([derive_key(self.seed, "sync")], dtype=np.uint64)
         self.dark_rng = np.array([derive_key(self.seed, f"dark{j}") for j in range(ndet)],
                                  dtype=np.uint64)
         self.ap_rng = np.array([derive_key(self.seed, f"afterpulse{j}") for j in range(ndet)],
@@ -299,11 +356,12 @@ class TagGenerator:
         self.p_int = np.int64(math.floor(p_tag))
         self.p_frac = float(p_tag - math.floor(p_tag))
         self.offset = np.int64(t.clock_offset_ps)
-        self.p_click, self.p_any = t.click_probabilities()
+        self.p_click, self.p_any, self.p_rest = t.click_probabilities()
         self.p_max = float(self.p_any.max()) if self.p_any.size else 0.0
         self.log1m_pmax = math.log1p(-self.p_max) if 0 < self.p_max < 1 else -1.0
         # Memorylessness: after any change the next photon candidate and the next
-        # dark count are redrawn from the current pulse, which is exact.
+        # dark count are redrawn from the current pulse, which is exact. (A change
+        # at a sub-chunk boundary needs no redraw: the next sub-chunk starts afresh.)
         redraw = np.random.default_rng([self.seed, int(self.pos[0]), t.version])
         if self.p_max <= 0.0:
             self.pos[1] = _NEVER
@@ -329,7 +387,12 @@ class TagGenerator:
             u = 1.0 - redraw.random()
             gap = int(-math.log(u) * self.dark_mean_ps[j]) if self.dark_mean_ps[j] > 0 else 0
             self.next_dark[j] = start + gap
-        # buffers, sized for the worst case of one sub-chunk
+        # photon buffers: a sub-chunk's clicks per detector, mean + 20 sigma (a batch
+        # that overflows is redrawn, identically, with room for a click per pulse)
+        pj = float(self.p_click.max()) if self.p_click.size else 0.0
+        mean_ph = SUB_PULSES * pj
+        self._ph_cap = min(SUB_PULSES, int(mean_ph + 20 * math.sqrt(mean_ph) + 64))
+        # the other buffers, sized for the worst case of one sub-chunk
         sub_ps = SUB_PULSES * p_tag
         rates = [1e12 / m if m > 0 else 0.0 for m in self.dark_mean_ps]
         mean_dk = max(rates) * sub_ps * 1e-12 if rates else 0.0
@@ -341,8 +404,6 @@ class TagGenerator:
         reg_cap = 2 * (SUB_PULSES + dk_cap + cand_cap) + 2 * spread_pulses + 64
         if initial or dk_cap > self._dk_cap or reg_cap > self.reg_t.shape[1]:
             old = None if initial else (self.cand_t, self.cand_n, self.reg_t, self.reg_n)
-            self.ph_t = np.empty((ndet, SUB_PULSES), np.int64)
-            self.ph_n = np.zeros(ndet, np.int64)
             self.dk_t = np.empty((ndet, dk_cap), np.int64)
             self.cand_t = np.empty((ndet, cand_cap), np.int64)
             self.cand_n = np.zeros(ndet, np.int64)
@@ -360,20 +421,58 @@ class TagGenerator:
                     self.reg_t[s, :rn[s]] = rt[s, :rn[s]]
                 self.reg_n[:] = rn
             self._dk_cap = dk_cap
+        self._ph_t = None
         self._version = t.version
 
-    def _args(self):
+    def _photon_buffers(self, cap: int):
+        if self._ph_t is None or self._ph_t.shape[2] != cap:
+            self._ph_t = np.empty((BATCH_SUBCHUNKS, self._ndet, cap), np.int64)
+            self._ph_n = np.zeros((BATCH_SUBCHUNKS, self._ndet), np.int64)
+            self._end_c = np.zeros(BATCH_SUBCHUNKS, np.int64)
+            self._end_ctr = np.zeros(BATCH_SUBCHUNKS, np.uint64)
+            self._ovf = np.zeros(BATCH_SUBCHUNKS, np.bool_)
+        return self._ph_t, self._ph_n
+
+    def _batch(self, n_end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Simulate from pos[0] up to n_end or the end of a batch of sub-chunks."""
         t = self.table
+        n0 = int(self.pos[0])
+        s_first = n0 // SUB_PULSES
+        s_last = min((n_end - 1) // SUB_PULSES, s_first + BATCH_SUBCHUNKS - 1)
+        nb = s_last - s_first + 1
+        b_end = min(n_end, (s_last + 1) * SUB_PULSES)
         seq = t.sequence
-        return (self.pos, self.photon_rng, self.sync_rng, self.dark_rng, self.ap_rng,
-                self.next_dark, self.last_reg, self.pending_ap, self.cand_t, self.cand_n,
-                self.reg_t, self.reg_n, self.ph_t, self.ph_n, self.dk_t, self.tmp_a,
-                self.tmp_b, *seq.params, self.p_click, self.p_any, self.p_max,
-                self.log1m_pmax, self.offset, self.p_int, self.p_frac,
-                np.int64(t.tagger_resolution_ps), np.int64(t.sync_period_pulses),
-                float(t.sync_jitter_ps), self.clip,
-                self.det_channel, np.uint8(t.sync_channel), self.delay, self.jitter,
-                self.clip, self.dark_mean_ps, self.dead_ps, self.ap_prob, self.ap_mean_ps)
+        cap = self._ph_cap
+        while True:
+            ph_t, ph_n = self._photon_buffers(cap)
+            _photons_batch(np.int64(s_first), nb, np.int64(n0), np.int64(b_end),
+                           self.pos[1], self.photon_ctr, self.photon_key, ph_t, ph_n,
+                           self._end_c, self._end_ctr, self._ovf, *seq.params, self.p_click,
+                           self.p_any, self.p_rest, self.p_max, self.log1m_pmax, self.offset,
+                           self.p_int, self.p_frac, self.delay, self.jitter, self.clip)
+            if not self._ovf[:nb].any():
+                break
+            if cap == SUB_PULSES:
+                raise RuntimeError("simulator: photon buffer overflow")
+            cap = SUB_PULSES
+        ndet = self._ndet
+        out_cap = int(self.reg_n.sum()) + nb * (
+            2 * ndet * (cap + self.dk_t.shape[1] + self.cand_t.shape[1])
+            + SUB_PULSES // t.sync_period_pulses + 2)
+        out_t = np.empty(out_cap, np.int64)
+        out_c = np.empty(out_cap, np.uint8)
+        n = _simulate(np.int64(b_end), out_t, out_c, self.pos, self.sync_rng, self.dark_rng,
+                      self.ap_rng, self.next_dark, self.last_reg, self.pending_ap, self.cand_t,
+                      self.cand_n, self.reg_t, self.reg_n, ph_t, ph_n, self.dk_t, self.tmp_a,
+                      self.tmp_b, self.offset, self.p_int, self.p_frac,
+                      np.int64(t.tagger_resolution_ps), np.int64(t.sync_period_pulses),
+                      float(t.sync_jitter_ps), self.clip, self.det_channel,
+                      np.uint8(t.sync_channel), self.delay, self.jitter, self.clip,
+                      self.dark_mean_ps, self.dead_ps, self.ap_prob, self.ap_mean_ps)
+        # a sub-chunk cut by n_end continues from here in the next call
+        self.pos[1] = self._end_c[nb - 1]
+        self.photon_ctr = self._end_ctr[nb - 1]
+        return out_t[:n], out_c[:n]
 
     def generate(self, n_pulses: int) -> tuple[np.ndarray, np.ndarray]:
         """Simulate the next ``n_pulses`` pulses; return the final tags (timestamps, channels)."""
@@ -381,20 +480,12 @@ class TagGenerator:
             self._build()
         n_end = int(self.pos[0]) + int(n_pulses)
         parts_t, parts_c = [], []
-        est = int(n_pulses * float(self.p_any.mean() if self.p_any.size else 0) * 1.2
-                  + n_pulses / self.table.sync_period_pulses) + 1
-        cap = est + self._ndet * (SUB_PULSES + self.dk_t.shape[1] + self.cand_t.shape[1]) \
-            + int(self.reg_n.sum()) + SUB_PULSES // self.table.sync_period_pulses + 1024
         while self.pos[0] < n_end:
-            out_t = np.empty(cap, np.int64)
-            out_c = np.empty(cap, np.uint8)
-            n = _simulate(n_end, out_t, out_c, *self._args())
-            parts_t.append(out_t[:n])
-            parts_c.append(out_c[:n])
+            ts, ch = self._batch(n_end)
+            parts_t.append(ts)
+            parts_c.append(ch)
         if not parts_t:
             return np.zeros(0, np.int64), np.zeros(0, np.uint8)
-        if len(parts_t) == 1:
-            return parts_t[0].copy(), parts_c[0].copy()
         return np.concatenate(parts_t), np.concatenate(parts_c)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:

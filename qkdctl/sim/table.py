@@ -180,17 +180,26 @@ class OpticalTable:
                 m[code, j] = mu * p_basis * route * eff
         return m
 
-    def click_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-state click probability of each detector, and of any detector.
+    def click_probabilities(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-state click probabilities: of each detector, of any, of any after j.
 
-        ``p_any`` is computed as ``1 - prod(1 - p_j)`` in detector order, the
-        same order the generator walks, so that the two agree to the last bit.
+        Returns ``p[code, j]``, ``p_any[code] = 1 - prod_j(1 - p[code, j])`` and
+        ``p_rest[code, j] = 1 - prod_{i > j}(1 - p[code, i])``, each product
+        taken in detector order, the order the generator walks, so that they
+        agree with its running products to the last bit.
         """
         p = -np.expm1(-self.mean_photons_at_detectors())
-        p_any = np.empty(p.shape[0])
-        for c in range(p.shape[0]):
+        ncode, ndet = p.shape
+        p_any = np.empty(ncode)
+        p_rest = np.zeros((ncode, ndet))
+        for c in range(ncode):
             q = 1.0
-            for j in range(p.shape[1]):
+            for j in range(ndet):
                 q *= 1.0 - p[c, j]
             p_any[c] = 1.0 - q
-        return p, p_any
+            for j in range(ndet):
+                q = 1.0
+                for i in range(j + 1, ndet):
+                    q *= 1.0 - p[c, i]
+                p_rest[c, j] = 1.0 - q
+        return p, p_any, p_rest

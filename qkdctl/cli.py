@@ -1,0 +1,154 @@
+"""The ``qkdctl`` command. Thin: parse, call the library, print.
+
+Errors a user can cause are printed on one line (``qkdctl: error: ...``) with
+a non-zero exit status, never a traceback.
+
+Exit status: 0 success; 2 a user error (bad configuration, bad input, an
+instrument problem); 130 a run stopped by Ctrl-C (its summary is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+from . import __version__
+from .config import load_bench
+from .errors import QkdctlError
+
+EXIT_INTERRUPTED = 130
+
+
+class _Progress:
+    """One self-overwriting status line on stderr, at most a few times a second."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and p["bench_s"] < p["duration_s"]):
+            return
+        self._last = now
+
+        def pct(x):
+            return "  n/a  " if x is None else f"{100 * x:6.3f}%"
+
+        frac = p["bench_s"] / p["duration_s"]
+        sys.stderr.write(f"\r  {100 * frac:5.1f} %  bench {p['bench_s']:.3f} s  detected "
+                         f"{p['detected_pulses']:>12,}  sifted {p['sifted_bits']:>12,}  "
+                         f"QBER Z {pct(p['qber_z'])}  X {pct(p['qber_x'])} ")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .session import run_session
+    from .summary import format_summary
+
+    cfg = load_bench(args.config)
+    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        summary = run_session(cfg, duration_s=args.duration, seed=args.seed,
+                              progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an integer from 0 to 2**63-1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qkdctl",
+        description="Hardware-in-the-loop controller for BB84 QKD benches.")
+    p.add_argument("--version", action="version", version=f"qkdctl {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more (-v: info, -vv: debug) on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a BB84 session (default: the built-in simulated bench)",
+                       description="Run a decoy-state BB84 session and print its summary.")
+    r.add_argument("--config", metavar="FILE",
+                   help="bench file (TOML); default: the built-in simulated bench")
+    r.add_argument("--duration", type=_positive_float, default=2.0, metavar="SECONDS",
+                   help="bench time to acquire (default 2)")
+    r.add_argument("--seed", type=_seed, default=None, metavar="N",
+                   help="random seed; the same seed reproduces a simulated run bit for bit "
+                        "(default: a fresh one, printed in the summary)")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout instead of the text summary")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except QkdctlError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"qkdctl: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qkdctl: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

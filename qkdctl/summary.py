@@ -1,0 +1,208 @@
+"""The summary of a session: what a physicist checks after a run.
+
+:class:`RunTally` accumulates, block by block, what both roles learned
+(detections, Alice's codes of the detected pulses, the sifted key's hash);
+:func:`build_summary` turns it and the sifting core's counters into one
+JSON-ready dict, and :func:`format_summary` into text.
+
+Statistics and their uncertainties:
+
+- QBER per basis ``e = errors / sifted`` with the binomial standard error
+  ``sqrt(e (1 - e) / n)``. In the simulated bench both sifted keys are in one
+  process, so the QBER is counted exactly on the whole sifted key.
+- Gain of intensity class k: ``Q_k = detections_k / N_k``. With a pattern
+  sequence ``N_k`` is counted exactly; with a per-pulse stream it is the
+  expected ``p_k N`` (its relative spread ``sqrt((1 - p_k) / (p_k N))`` is
+  below 1e-4 for a second at 1 GHz, far below the Poisson error of the
+  detections), and ``pulses_sent_exact`` says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import BenchConfig
+from .sequence import MODE_PATTERN, AliceSequence
+from .sifting import Detections, Sifter, SiftStats, stats_kernel
+
+__all__ = ["RunTally", "build_summary", "format_summary"]
+
+BASIS_NAMES = ("Z", "X")
+
+
+@dataclass
+class RunTally:
+    """Running per-intensity statistics and the sifted key's hash."""
+
+    n_intensities: int
+    stats: SiftStats = None
+    key_hash: Any = field(default_factory=hashlib.sha256)
+
+    def __post_init__(self):
+        if self.stats is None:
+            self.stats = SiftStats(self.n_intensities)
+
+    def add(self, det: Detections, alice_codes: np.ndarray, keep: np.ndarray) -> int:
+        """Add one sifted block; returns the number of sifted key bits (Z) in it."""
+        s = self.stats
+        stats_kernel(det.basis, det.bit, alice_codes, s.detected, s.sifted, s.errors)
+        key = det.bit[keep & (det.basis == 0)]
+        # one byte per bit, so that the hash does not depend on block boundaries
+        self.key_hash.update(key.astype(np.uint8).tobytes())
+        return int(key.shape[0])
+
+
+def _qber(errors: int, n: int) -> tuple[float | None, float | None]:
+    if n == 0:
+        return None, None
+    e = errors / n
+    return e, math.sqrt(e * (1.0 - e) / n)
+
+
+def pulses_by_intensity(seq: AliceSequence, n_pulses: int, probs) -> tuple[list[float], bool]:
+    """Pulses sent per intensity class: exact for a pattern, expected for a stream."""
+    if seq.mode == MODE_PATTERN:
+        pat = seq.pattern >> 2
+        L = pat.shape[0]
+        full, rest = divmod(n_pulses, L)
+        k = len(probs)
+        counts = full * np.bincount(pat, minlength=k) + np.bincount(pat[:rest], minlength=k)
+        return [int(c) for c in counts[:k]], True
+    return [float(p) * n_pulses for p in seq.effective_intensity_probabilities], False
+
+
+def build_summary(cfg: BenchConfig, sifter: Sifter, tally: RunTally, *, seed: int | None,
+                  sequence: AliceSequence, pulses_sent: int, duration_s: float,
+                  wall_s: float, interrupted: bool, source: str = "simulated bench",
+                  sifted_bits: int) -> dict[str, Any]:
+    """The summary dict (what ``--json`` prints) of a run or a replay."""
+    st = tally.stats
+    c = sifter.counters
+    names = {d.channel: (d.name or f"ch{d.channel}") for d in cfg.receiver.detectors}
+    tags = sifter.tags_by_channel
+    in_gate = sifter.in_gate_by_channel
+    dur = duration_s if duration_s > 0 else float("nan")
+
+    qber, qber_std, errors, sifted_by_basis = {}, {}, {}, {}
+    for b, bn in enumerate(BASIS_NAMES):
+        n = int(st.sifted[:, b].sum())
+        e = int(st.errors[:, b].sum())
+        qber[bn], qber_std[bn] = _qber(e, n)
+        errors[bn] = e
+        sifted_by_basis[bn] = n
+
+    n_k, exact = pulses_by_intensity(sequence, pulses_sent, cfg.source.intensity_probabilities)
+    by_int = {}
+    for k, name in enumerate(cfg.source.intensity_names):
+        det_k = int(st.detected[k].sum())
+        q = {bn: _qber(int(st.errors[k, b]), int(st.sifted[k, b]))[0]
+             for b, bn in enumerate(BASIS_NAMES)}
+        by_int[name] = {
+            "mean_photon_number": cfg.source.mean_photon_numbers[k],
+            "probability": cfg.source.intensity_probabilities[k],
+            "pulses_sent": n_k[k],
+            "pulses_sent_exact": exact,
+            "detections": det_k,
+            "gain": det_k / n_k[k] if n_k[k] else None,
+            "sifted": {bn: int(st.sifted[k, b]) for b, bn in enumerate(BASIS_NAMES)},
+            "errors": {bn: int(st.errors[k, b]) for b, bn in enumerate(BASIS_NAMES)},
+            "qber": q,
+        }
+    period = sifter.period_ps if c["syncs"] > 1 else None
+    return {
+        "bench": cfg.name,
+        "config": cfg.path,
+        "source": source,
+        "seed": seed,
+        "interrupted": interrupted,
+        "duration_s": duration_s,
+        "wall_s": wall_s,
+        "pulses_sent": int(pulses_sent),
+        "sync_tags": c["syncs"],
+        "sync_problems": {"rejected": c["syncs_rejected"], "gaps": c["sync_gaps"],
+                          "missed": c["syncs_missed"]},
+        "period_ps": period,
+        "clock_drift_ppm": (period / cfg.period_ps - 1.0) * 1e6 if period else None,
+        "detections_by_channel": {names[ch]: tags.get(ch, 0) for ch in names},
+        "detections_in_gate_by_channel": {names[ch]: in_gate.get(ch, 0) for ch in names},
+        "count_rate_hz_by_channel": {names[ch]: tags.get(ch, 0) / dur for ch in names},
+        "out_of_gate": c["out_of_gate"],
+        "before_first_sync": c["before_first_sync"],
+        "detected_pulses": c["detected_pulses"],
+        "multi_clicks": {"same_basis": c["multi_same_basis"],
+                         "cross_basis": c["multi_cross_basis"],
+                         "discarded": c["multi_discarded"]},
+        "sifted_bits": sifted_bits,
+        "sifted_bits_by_basis": sifted_by_basis,
+        "errors": errors,
+        "qber": qber,
+        "qber_std": qber_std,
+        "counts_by_intensity": by_int,
+        "detection_rate_hz": c["detected_pulses"] / dur,
+        "sifted_key_rate_bps": sifted_bits / dur,
+        "sifted_key_sha256": tally.key_hash.hexdigest(),
+    }
+
+
+def _pct(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.3f} %" + (f" ± {100 * std:.3f}" if std is not None else "")
+
+
+def _si(x: float, unit: str) -> str:
+    if x is None or not math.isfinite(x):
+        return f"n/a {unit}"
+    for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= f:
+            return f"{x / f:.3f} {p}{unit}"
+    return f"{x:.3f} {unit}"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable summary of :func:`build_summary`'s dict."""
+    lines = []
+    head = f"{s['bench']} ({s['source']}"
+    head += f", seed {s['seed']})" if s.get("seed") is not None else ")"
+    if s["interrupted"]:
+        head += "  -- interrupted, summary of what ran"
+    lines.append(head)
+    lines.append(f"  bench time        {s['duration_s']:.6g} s   (wall {s['wall_s']:.2f} s)")
+    lines.append(f"  pulses sent       {s['pulses_sent']:,}")
+    drift = s["clock_drift_ppm"]
+    per = s["period_ps"]
+    lines.append(f"  sync tags         {s['sync_tags']:,}   period {per:.6f} ps, drift "
+                 f"{drift:+.3f} ppm" if per else f"  sync tags         {s['sync_tags']:,}")
+    sp = s["sync_problems"]
+    if any(sp.values()):
+        lines.append(f"  sync problems     {sp['rejected']} rejected, {sp['gaps']} gaps "
+                     f"({sp['missed']} missing)")
+    lines.append("  detections by channel (tags / in gate / rate)")
+    for name, n in s["detections_by_channel"].items():
+        lines.append(f"    {name:<6} {n:>14,} {s['detections_in_gate_by_channel'][name]:>14,}"
+                     f"   {_si(s['count_rate_hz_by_channel'][name], 'Hz')}")
+    mc = s["multi_clicks"]
+    rate = _si(s["detection_rate_hz"], "Hz")
+    lines.append(f"  detected pulses   {s['detected_pulses']:,}   ({rate})"
+                 f"; out of gate {s['out_of_gate']:,}")
+    lines.append(f"  multi-clicks      same basis {mc['same_basis']:,}, cross basis "
+                 f"{mc['cross_basis']:,}, discarded {mc['discarded']:,}")
+    sb = s["sifted_bits_by_basis"]
+    lines.append(f"  sifted key (Z)    {s['sifted_bits']:,} bits   "
+                 f"({_si(s['sifted_key_rate_bps'], 'bit/s')}); test basis X {sb['X']:,}")
+    for b in ("Z", "X"):
+        lines.append(f"  QBER {b}            {_pct(s['qber'][b], s['qber_std'][b])}   "
+                     f"({s['errors'][b]:,} errors in {sb[b]:,})")
+    lines.append("  by intensity      mu        detections      gain        "
+                 "sifted Z   QBER Z      sifted X   QBER X")
+    for name, d in s["counts_by_intensity"].items():
+        gain = f"{d['gain']:.4e}" if d["gain"] is not None else "n/a"
+        lines.append(f"    {name:<8} {d['mean_photon_number']:<9.4g} {d['detections']:>12,}  "
+                     f"{gain:>10}  {d['sifted']['Z']:>11,}  {_pct(d['qber']['Z']):>9}  "
+                     f"{d['sifted']['X']:>11,}  {_pct(d['qber']['X']):>9}")
+    return "\n".join(lines)
