@@ -74,10 +74,33 @@ def alice_code(n, mode, key, z_thr, cum_thr, pattern):
     return code_from_hash(hash_index(key, n), z_thr, cum_thr)
 
 
+_NEVER_U = np.uint64(_B32)  # a threshold no 32-bit slice reaches
+
+
+@nb.njit(cache=True)
+def codes_into(pulses, start, stop, mode, key, z_thr, cum_thr, pattern, out):
+    """``out[i] = code of pulses[i]`` for start <= i < stop (the bulk form of alice_code)."""
+    if mode == MODE_PATTERN:
+        L = pattern.shape[0]
+        for i in range(start, stop):
+            out[i] = pattern[pulses[i] % L]
+        return
+    # stream: the loop of code_from_hash unrolled for up to four classes, branch-free
+    nc = cum_thr.shape[0]
+    c0 = cum_thr[0] if nc > 0 else _NEVER_U
+    c1 = cum_thr[1] if nc > 1 else _NEVER_U
+    c2 = cum_thr[2] if nc > 2 else _NEVER_U
+    for i in range(start, stop):
+        z = hash_index(key, pulses[i])
+        u = (z >> _S32) & _MASK32
+        k = np.uint8(u >= c0) + np.uint8(u >= c1) + np.uint8(u >= c2)
+        basis = np.uint8(((z >> _S1) & _MASK31) >= z_thr)
+        out[i] = np.uint8(z & _ONE) | (basis << 1) | (k << 2)
+
+
 @nb.njit(cache=True)
 def _lookup(pulses, mode, key, z_thr, cum_thr, pattern, out):
-    for i in range(pulses.shape[0]):
-        out[i] = alice_code(pulses[i], mode, key, z_thr, cum_thr, pattern)
+    codes_into(pulses, 0, pulses.shape[0], mode, key, z_thr, cum_thr, pattern, out)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 from .config import BenchConfig
 from .rng import hash_index
-from .sequence import AliceSequence, alice_code, decode
+from .sequence import AliceSequence, codes_into, decode
 
 __all__ = [
     "Detections",
@@ -245,9 +245,8 @@ def _finalize(pend, npend, unsorted, horizon, outcome, multi_click, squash_key,
         n_out += 1
     counters[C_PULSES] += n_pulses
     if a_mode >= 0:
-        # Alice's side, in loops of their own so that the hashing vectorizes
-        for r in range(n_first, n_out):
-            out_code[r] = alice_code(out_pulse[r], a_mode, a_key, a_zthr, a_cum, a_pattern)
+        # Alice's side, in loops of their own (no branches on Bob's data)
+        codes_into(out_pulse, n_first, n_out, a_mode, a_key, a_zthr, a_cum, a_pattern, out_code)
         for r in range(n_first, n_out):
             code = out_code[r]
             basis = out_basis[r]
