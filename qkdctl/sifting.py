@@ -87,7 +87,9 @@ I_LAST_P = 2      # pulse number of the last sync tag
 I_RING_HEAD = 3   # next slot of the sync ring
 I_NPEND = 4       # detections held back
 I_LAST_TAG = 5    # time of the last tag seen
-N_INTS = 6
+I_FIRST_T = 6     # time of the first sync tag
+I_FIRST_P = 7     # pulse number of the first sync tag
+N_INTS = 8
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,8 @@ def assign_kernel(ts, ch, final,
                 if nsync == 0:
                     last_t = t
                     last_p = first_sync_pulse
+                    ints[I_FIRST_T] = t
+                    ints[I_FIRST_P] = first_sync_pulse
                 else:
                     interval = t - last_t
                     k = math.floor(interval * invP * inv_span + 0.5)
@@ -561,6 +565,14 @@ class Sifter:
     def period_ps(self) -> float:
         """Current estimate of the pulse period on the tagger's clock."""
         return float(self.state.period[0])
+
+    @property
+    def mean_period_ps(self) -> float | None:
+        """Pulse period over the whole run: first to last sync tag (None before two syncs)."""
+        i = self.state.ints
+        if i[I_NSYNC] < 2 or i[I_LAST_P] == i[I_FIRST_P]:
+            return None
+        return float(i[I_LAST_T] - i[I_FIRST_T]) / float(i[I_LAST_P] - i[I_FIRST_P])
 
     @property
     def counters(self) -> dict[str, int]:

@@ -113,7 +113,7 @@ def build_summary(cfg: BenchConfig, sifter: Sifter, tally: RunTally, *, seed: in
             "errors": {bn: int(st.errors[k, b]) for b, bn in enumerate(BASIS_NAMES)},
             "qber": q,
         }
-    period = sifter.period_ps if c["syncs"] > 1 else None
+    period = sifter.mean_period_ps
     return {
         "bench": cfg.name,
         "config": cfg.path,
@@ -128,6 +128,7 @@ def build_summary(cfg: BenchConfig, sifter: Sifter, tally: RunTally, *, seed: in
                           "missed": c["syncs_missed"]},
         "period_ps": period,
         "clock_drift_ppm": (period / cfg.period_ps - 1.0) * 1e6 if period else None,
+        "period_ps_tracked": sifter.period_ps if c["syncs"] > 1 else None,
         "detections_by_channel": {names[ch]: tags.get(ch, 0) for ch in names},
         "detections_in_gate_by_channel": {names[ch]: in_gate.get(ch, 0) for ch in names},
         "count_rate_hz_by_channel": {names[ch]: tags.get(ch, 0) / dur for ch in names},
