@@ -126,9 +126,9 @@ class BobRole:
 
     def announce(self, ts: np.ndarray, ch: np.ndarray, final: bool = False) -> Detections:
         """Sift a block of tags and announce its detections; returns them (Bob's copy)."""
-        det = self.sifter.finish() if final else self.sifter.process(ts, ch)
         if self._pending is not None:
             raise ChannelError("bob: a block is still waiting for Alice's reply")
+        det = self.sifter.finish() if final else self.sifter.process(ts, ch)
         self.channel.send(DetectionAnnouncement(self._seq, self._block, det.pulse, det.basis))
         self._seq += 1
         self._pending = _Pending(self._block, det)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -49,14 +50,16 @@ def build_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
     if missing:
         raise ConfigError(f"{cfg.path}: instruments: missing [instruments.{missing[0]}] "
                           f"(a bench needs {', '.join(ARM_ORDER)})")
-    drivers = {inst.driver for inst in cfg.instruments.values()}
-    if drivers == {"mock"}:
+    mock = [n for n, inst in cfg.instruments.items() if inst.driver == "mock"]
+    if len(mock) == len(cfg.instruments):
         return build_mock_bench(cfg, seed)
+    if mock:
+        real = next(n for n, inst in cfg.instruments.items() if inst.driver != "mock")
+        raise ConfigError(f"{cfg.path}: instruments.{real}.driver: "
+                          f"{cfg.instruments[real].driver!r} cannot be combined with the mock "
+                          f"instruments ({', '.join(mock)}), which share one simulated table")
     bench = {}
     for name, inst in cfg.instruments.items():
-        if inst.driver == "mock":
-            raise ConfigError(f"{cfg.path}: instruments.{name}.driver: the mock instruments "
-                              "share one simulated table and cannot be mixed with real ones")
         if inst.driver not in DRIVERS:
             raise ConfigError(f"{cfg.path}: instruments.{name}.driver: unknown driver "
                               f"{inst.driver!r}; available: {', '.join(sorted(DRIVERS))}")
@@ -103,8 +106,10 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
     the run early when it returns true. ``bench`` replaces the instruments
     built from the configuration (tests use it).
     """
-    if not duration_s > 0:
+    if not (duration_s > 0 and math.isfinite(duration_s)):
         raise ConfigError(f"duration {duration_s!r} s: give a positive number of seconds")
+    if not (block_s > 0 and math.isfinite(block_s)):
+        raise ConfigError(f"block_s {block_s!r} s: give a positive number of seconds")
     if seed is None:
         seed = new_seed()
     bench = build_bench(cfg, seed) if bench is None else bench
@@ -147,7 +152,7 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
                           "sifted_bits": sifted_bits,
                           "qber_z": _ratio(st.errors[:, 0].sum(), st.sifted[:, 0].sum()),
                           "qber_x": _ratio(st.errors[:, 1].sum(), st.sifted[:, 1].sum())})
-            if ctrl_c.requested or (stop is not None and stop()):
+            if i + 1 < n_blocks and (ctrl_c.requested or (stop is not None and stop())):
                 interrupted = True
                 break
         ts, ch = tagger.finish()
