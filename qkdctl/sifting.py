@@ -192,23 +192,16 @@ class SiftState:
 # ------------------------------------------------------------------------- kernels
 
 @nb.njit(cache=True)
-def _finalize(pend, npend, unsorted, horizon, outcome, multi_click, squash_key,
+def _finalize(pend, npend, horizon, outcome, multi_click, squash_key,
               a_mode, a_key, a_zthr, a_cum, a_pattern,
               out_pulse, out_basis, out_bit, out_flag, out_code, n_out,
               counters, hist):
     """Emit held detections of pulses < horizon, merged per pulse; return (npend, n_out).
 
-    ``pend`` holds keys ``pulse << 8 | detector``. With ``a_mode >= 0`` Alice's
-    code of each pulse is looked up and the sifting statistics are accumulated.
+    ``pend`` holds sorted keys ``pulse << 8 | detector``. With ``a_mode >= 0``
+    Alice's code of each pulse is looked up and the sifting statistics are
+    accumulated.
     """
-    if unsorted:  # nearly sorted: insertion sort
-        for i in range(1, npend):
-            v = pend[i]
-            j = i - 1
-            while j >= 0 and pend[j] > v:
-                pend[j + 1] = pend[j]
-                j -= 1
-            pend[j + 1] = v
     lim = horizon << 8
     i = 0
     n_pulses = 0
@@ -298,8 +291,6 @@ def assign_kernel(ts, ch, final,
     out_of_gate = 0
     before_sync = 0
     other = 0
-    last_key = pend[npend - 1] if npend > 0 else np.int64(-1)
-    unsorted = False
     start = 0
     while start < n:
         stop = min(start + SUB_TAGS, n)
@@ -359,9 +350,12 @@ def assign_kernel(ts, ch, final,
                     before_sync += 1
                     continue
                 key = (pulse << 8) | d
-                unsorted |= key < last_key
-                last_key = key
-                pend[npend] = key
+                # keep pend sorted: a key out of order moves back a few places at most
+                j = npend
+                while j > 0 and pend[j - 1] > key:
+                    pend[j] = pend[j - 1]
+                    j -= 1
+                pend[j] = key
                 npend += 1
                 in_gate_by_channel[c] += 1
             else:
@@ -372,14 +366,13 @@ def assign_kernel(ts, ch, final,
         if nsync > 0 and npend > 0:
             th = ints[I_LAST_TAG] - max_delay - last_t
             horizon = last_p + np.int64(math.floor(th * invP)) - 1
-            npend, n_out = _finalize(pend, npend, unsorted, horizon, outcome, multi_click,
+            npend, n_out = _finalize(pend, npend, horizon, outcome, multi_click,
                                      squash_key, a_mode, a_key, a_zthr, a_cum, a_pattern,
                                      out_pulse, out_basis, out_bit, out_flag, out_code, n_out,
                                      counters, hist)
-            unsorted = False
         start = stop
     if final and npend > 0:
-        npend, n_out = _finalize(pend, npend, unsorted, np.int64(1) << np.int64(54), outcome,
+        npend, n_out = _finalize(pend, npend, np.int64(1) << np.int64(54), outcome,
                                  multi_click, squash_key, a_mode, a_key, a_zthr, a_cum,
                                  a_pattern, out_pulse, out_basis, out_bit, out_flag, out_code,
                                  n_out, counters, hist)
