@@ -41,8 +41,9 @@ class _Progress:
         def pct(x):
             return "  n/a  " if x is None else f"{100 * x:6.3f}%"
 
-        frac = p["bench_s"] / p["duration_s"]
-        sys.stderr.write(f"\r  {100 * frac:5.1f} %  bench {p['bench_s']:.3f} s  detected "
+        frac = p["bench_s"] / p["duration_s"] if p["duration_s"] else 1.0
+        where = f"tags {p['tags']:,}" if "tags" in p else f"bench {p['bench_s']:.3f} s"
+        sys.stderr.write(f"\r  {100 * frac:5.1f} %  {where}  detected "
                          f"{p['detected_pulses']:>12,}  sifted {p['sifted_bits']:>12,}  "
                          f"QBER Z {pct(p['qber_z'])}  X {pct(p['qber_x'])} ")
         sys.stderr.flush()
@@ -76,7 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     try:
         summary = run_session(cfg, duration_s=args.duration, seed=args.seed,
-                              progress=progress)
+                              progress=progress, record=args.record,
+                              flush_interval_s=args.flush_interval,
+                              compression=args.compression, overwrite=args.overwrite)
     finally:
         progress.close()
     if args.json:
@@ -84,6 +87,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+    from .summary import format_raw_statistics, format_summary
+
+    override = load_bench(args.config) if args.config else None
+    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        summary = replay(args.file, config=override, start_s=args.start, stop_s=args.stop,
+                         timestamps_unit=args.timestamps_unit, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(summary)
+    elif "qber" in summary:
+        print(format_summary(summary))
+    else:
+        print(format_raw_statistics(summary))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .replay import convert
+
+    result = convert(args.input, args.output, timestamps_unit=args.timestamps_unit,
+                     compression=args.compression, overwrite=args.overwrite)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['input']} ({result['format']}) -> {result['output']}: "
+              f"{result['tags']:,} tags, {result['compression']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .replay import describe_file
+
+    info = describe_file(args.file, timestamps_unit=args.timestamps_unit)
+    if args.json:
+        _print_json(info)
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            if isinstance(v, dict | list):
+                v = json.dumps(_json_safe(v))
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _unit(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r}: a timestamps unit is a positive "
+                                         "number of seconds, e.g. 5e-9")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time >= 0 in seconds")
+    return v
 
 
 def _positive_float(text: str) -> float:
@@ -127,7 +199,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of the text summary")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    r.add_argument("--record", metavar="FILE.h5",
+                   help="record the run (every tag, configuration, Alice's sequence) to FILE.h5")
+    r.add_argument("--flush-interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="write the recording to disk at least this often (default 1)")
+    r.add_argument("--compression", choices=("bitshuffle-lz4", "lzf", "none"),
+                   default="bitshuffle-lz4", help="recording compression (default %(default)s)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing recording file")
     r.set_defaults(func=cmd_run)
+
+    unit_help = ("timestamp unit in seconds for a Photon-HDF5 file that does not give one "
+                 "(e.g. 5e-9)")
+    rp = sub.add_parser("replay", help="replay a recording (or a PTU / Photon-HDF5 file)",
+                        description="Run recorded time tags through the sifting pipeline and "
+                                    "print the summary; a file without Alice's sequence gives "
+                                    "raw-tag statistics.")
+    rp.add_argument("file", metavar="FILE")
+    rp.add_argument("--config", metavar="FILE",
+                    help="bench file whose [analysis] and detector delays replace the recorded")
+    rp.add_argument("--start", type=_seconds, metavar="SECONDS",
+                    help="replay from this time (seconds from the first tag)")
+    rp.add_argument("--stop", type=_seconds, metavar="SECONDS",
+                    help="replay up to this time (seconds from the first tag)")
+    rp.add_argument("--timestamps-unit", type=_unit, metavar="SECONDS", help=unit_help)
+    rp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    rp.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    rp.set_defaults(func=cmd_replay)
+
+    cv = sub.add_parser("convert", help="convert a PTU or Photon-HDF5 file to a recording",
+                        description="Write the time tags of a foreign file as a qkdctl "
+                                    "recording.")
+    cv.add_argument("input", metavar="IN")
+    cv.add_argument("output", metavar="OUT.h5")
+    cv.add_argument("--timestamps-unit", type=_unit, metavar="SECONDS", help=unit_help)
+    cv.add_argument("--compression", choices=("bitshuffle-lz4", "lzf", "none"),
+                    default="bitshuffle-lz4")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5")
+    cv.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    cv.set_defaults(func=cmd_convert)
+
+    inf = sub.add_parser("info", help="describe a recording or tag file without reading it all")
+    inf.add_argument("file", metavar="FILE")
+    inf.add_argument("--timestamps-unit", type=_unit, metavar="SECONDS", help=unit_help)
+    inf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    inf.set_defaults(func=cmd_info)
     return p
 
 

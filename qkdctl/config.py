@@ -210,6 +210,10 @@ class BenchConfig:
     instruments: dict[str, InstrumentConfig] = field(default_factory=dict)
     sim: SimConfig | None = None
     path: str = "<string>"
+    #: the parsed TOML document, as validated (recordings store it to rebuild the config)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: the file's text, when it came from a file
+    text: str | None = field(default=None, repr=False, compare=False)
 
     def with_analysis(self, **changes: Any) -> BenchConfig:
         return replace(self, analysis=replace(self.analysis, **changes))
@@ -387,7 +391,8 @@ def _cross_checks(ctx: _Ctx, b: BenchConfig) -> None:
                      f"sim.laser_threshold_ma = {b.sim.laser_threshold_ma:g} mA")
 
 
-def parse_bench(data: dict[str, Any], path: str = "<string>") -> BenchConfig:
+def parse_bench(data: dict[str, Any], path: str = "<string>",
+                text: str | None = None) -> BenchConfig:
     """Validate a parsed TOML document into a :class:`BenchConfig`."""
     ctx = _Ctx(path)
     for k in data:
@@ -429,6 +434,8 @@ def parse_bench(data: dict[str, Any], path: str = "<string>") -> BenchConfig:
         instruments=instruments,
         sim=table("sim", SimConfig) if "sim" in data else None,
         path=path,
+        raw=data,
+        text=text,
     )
     _cross_checks(ctx, cfg)
     return cfg
@@ -449,7 +456,7 @@ def load_bench(path: str | Path | None = None) -> BenchConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_bench(data, str(p))
+    return parse_bench(data, str(p), text)
 
 
 def default_bench_path() -> Path:

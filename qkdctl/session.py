@@ -14,6 +14,7 @@ once (the bench still goes to its safe state).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -23,15 +24,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .config import BenchConfig
 from .drivers import DRIVERS, Instrument, build_mock_bench, driver_class
-from .errors import ConfigError
+from .errors import ConfigError, QkdctlError
 from .protocol import AliceRole, BobRole, LocalChannel
+from .recording import Recorder
 from .sequence import AliceSequence
 from .sifting import SiftParams
 from .summary import RunTally, build_summary
 
-__all__ = ["ARM_ORDER", "build_bench", "new_seed", "run_session"]
+__all__ = ["ARM_ORDER", "SiftingPipeline", "build_bench", "new_seed", "run_session"]
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +97,84 @@ class _StopRequest:
         return False
 
 
+class SiftingPipeline:
+    """Alice and Bob sifting a stream of tag blocks over the classical channel.
+
+    The same pipeline serves a live run and a replay, so that a replay
+    reproduces the live run exactly.
+    """
+
+    def __init__(self, cfg: BenchConfig, seed: int, sequence: AliceSequence):
+        self.cfg = cfg
+        self.seed = seed
+        self.sequence = sequence
+        params = SiftParams.from_config(cfg, seed)
+        channel = LocalChannel()
+        self.alice = AliceRole(sequence, channel.alice)
+        self.bob = BobRole(params, channel.bob)
+        self.tally = RunTally(params.n_intensities)
+        self.sifted_bits = 0
+
+    def feed(self, ts: np.ndarray | None, ch: np.ndarray | None, final: bool = False) -> None:
+        """Sift one block (``final``: release what is held, at the end of the run)."""
+        self.bob.announce(ts, ch, final=final)
+        codes = self.alice.reply()
+        det, keep, _ = self.bob.accept()
+        self.sifted_bits += self.tally.add(det, codes, keep)
+
+    def finish(self) -> None:
+        self.feed(None, None, final=True)
+
+    def snapshot(self, bench_s: float, duration_s: float) -> dict[str, Any]:
+        """The small progress dict (bench time, detections, sifted bits, QBERs so far)."""
+        st = self.tally.stats
+        return {"bench_s": bench_s, "duration_s": duration_s,
+                "detected_pulses": self.bob.sifter.counters["detected_pulses"],
+                "sifted_bits": self.sifted_bits,
+                "qber_z": _ratio(st.errors[:, 0].sum(), st.sifted[:, 0].sum()),
+                "qber_x": _ratio(st.errors[:, 1].sum(), st.sifted[:, 1].sum())}
+
+    def summary(self, *, pulses_sent: int, duration_s: float, wall_s: float,
+                interrupted: bool, source: str) -> dict[str, Any]:
+        return build_summary(self.cfg, self.bob.sifter, self.tally, seed=self.seed,
+                             sequence=self.sequence, pulses_sent=pulses_sent,
+                             duration_s=duration_s, wall_s=wall_s, interrupted=interrupted,
+                             sifted_bits=self.sifted_bits, source=source)
+
+
+def _instrument_record(bench: dict[str, Instrument]) -> dict[str, Any]:
+    """Identity, settings and live status of each instrument, for the recording."""
+    out = {}
+    for name, inst in bench.items():
+        entry: dict[str, Any] = {"driver": type(inst).__name__,
+                                 "settings": dict(getattr(inst, "settings", {}) or {}),
+                                 "limits": dict(getattr(inst, "limits", {}) or {})}
+        try:
+            entry["identity"] = dataclasses.asdict(inst.identity())
+            entry["status"] = inst.status()
+        except QkdctlError as e:
+            entry["error"] = str(e)
+        out[name] = entry
+    return out
+
+
 def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = None, *,
                 block_s: float = 0.01,
                 progress: Callable[[dict[str, Any]], None] | None = None,
                 bench: dict[str, Instrument] | None = None,
-                stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+                stop: Callable[[], bool] | None = None,
+                record: str | None = None, flush_interval_s: float = 1.0,
+                compression: str = "bitshuffle-lz4", overwrite: bool = False) -> dict[str, Any]:
     """Run a BB84 session on the bench for ``duration_s`` seconds of bench time.
 
     Returns the summary dict of :func:`qkdctl.summary.build_summary`.
     ``progress`` is called after every block with a small dict (bench time,
     detections, QBERs so far); ``stop`` is polled after every block and ends
     the run early when it returns true. ``bench`` replaces the instruments
-    built from the configuration (tests use it).
+    built from the configuration (tests use it). ``record`` names a recording
+    to write (:mod:`qkdctl.recording`): every tag, flushed every
+    ``flush_interval_s`` of wall time, and the run's configuration, seed,
+    Alice's sequence, instruments and summary.
     """
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise ConfigError(f"duration {duration_s!r} s: give a positive number of seconds")
@@ -114,59 +184,65 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
         seed = new_seed()
     bench = build_bench(cfg, seed) if bench is None else bench
     sequence = AliceSequence.from_config(cfg.source, seed)
-    params = SiftParams.from_config(cfg, seed)
-    channel = LocalChannel()
-    alice = AliceRole(sequence, channel.alice)
-    bob = BobRole(params, channel.bob)
-    tally = RunTally(params.n_intensities)
-    sifted_bits = 0
+    pipe = SiftingPipeline(cfg, seed, sequence)
     interrupted = False
     t_wall = time.perf_counter()
     elapsed = 0.0
+    rec: Recorder | None = None
 
-    def exchange(ts, ch, final=False) -> int:
-        bob.announce(ts, ch, final=final)
-        codes = alice.reply()
-        det, keep, _ = bob.accept()
-        return tally.add(det, codes, keep)
-
-    with _StopRequest() as ctrl_c, contextlib.ExitStack() as stack:
-        for role in ARM_ORDER:
-            stack.enter_context(bench[role])
-        det_inst, laser, mod, tagger = (bench[r] for r in ARM_ORDER)
-        det_inst.bias_on()
-        laser.output_on()
-        mod.start()
-        tagger.start()
-        log.info("session on %s: %.3g s of bench time, seed %d", cfg.name, duration_s, seed)
-        n_blocks = max(1, round(duration_s / block_s))
-        for i in range(n_blocks):
-            step = duration_s * (i + 1) / n_blocks - elapsed
-            ts, ch = tagger.read_block(step)
-            elapsed += step
-            sifted_bits += exchange(ts, ch)
-            if progress is not None:
-                st = tally.stats
-                progress({"bench_s": elapsed, "duration_s": duration_s,
-                          "detected_pulses": bob.sifter.counters["detected_pulses"],
-                          "sifted_bits": sifted_bits,
-                          "qber_z": _ratio(st.errors[:, 0].sum(), st.sifted[:, 0].sum()),
-                          "qber_x": _ratio(st.errors[:, 1].sum(), st.sifted[:, 1].sum())})
-            if i + 1 < n_blocks and (ctrl_c.requested or (stop is not None and stop())):
-                interrupted = True
-                break
-        ts, ch = tagger.finish()
-        sifted_bits += exchange(ts, ch)
-        sifted_bits += exchange(None, None, final=True)
-        elapsed = getattr(tagger, "elapsed_s", elapsed)
+    def totals(tagger) -> tuple[int, float]:
+        el = getattr(tagger, "elapsed_s", elapsed)
         pulses = getattr(tagger, "pulses_simulated", None)
-        if pulses is None:
-            pulses = round(elapsed * cfg.source.rep_rate_hz)
-    wall = time.perf_counter() - t_wall
-    log.info("session done: %d sifted bits in %.3g s of bench time", sifted_bits, elapsed)
-    return build_summary(cfg, bob.sifter, tally, seed=seed, sequence=sequence,
-                         pulses_sent=pulses, duration_s=elapsed, wall_s=wall,
-                         interrupted=interrupted, sifted_bits=sifted_bits)
+        return (round(el * cfg.source.rep_rate_hz) if pulses is None else pulses), el
+
+    with _StopRequest() as ctrl_c, contextlib.ExitStack() as outer:
+        with contextlib.ExitStack() as stack:
+            for role in ARM_ORDER:
+                stack.enter_context(bench[role])
+            det_inst, laser, mod, tagger = (bench[r] for r in ARM_ORDER)
+            if record is not None:
+                # closed after the instruments are safe (outer stack), on every path
+                rec = outer.enter_context(Recorder(
+                    record, cfg, seed, sequence, instruments=_instrument_record(bench),
+                    flush_interval_s=flush_interval_s, compression=compression,
+                    overwrite=overwrite))
+            det_inst.bias_on()
+            laser.output_on()
+            mod.start()
+            tagger.start()
+            log.info("session on %s: %.3g s of bench time, seed %d", cfg.name, duration_s,
+                     seed)
+            n_blocks = max(1, round(duration_s / block_s))
+            for i in range(n_blocks):
+                step = duration_s * (i + 1) / n_blocks - elapsed
+                ts, ch = tagger.read_block(step)
+                elapsed += step
+                if rec is not None:
+                    pulses, el = totals(tagger)
+                    rec.append(ts, ch, pulses_sent=pulses, duration_s=el)
+                pipe.feed(ts, ch)
+                if progress is not None:
+                    progress(pipe.snapshot(elapsed, duration_s))
+                if i + 1 < n_blocks and (ctrl_c.requested or (stop is not None and stop())):
+                    interrupted = True
+                    break
+            ts, ch = tagger.finish()
+            pulses, elapsed = totals(tagger)
+            if rec is not None:
+                rec.append(ts, ch, pulses_sent=pulses, duration_s=elapsed)
+            pipe.feed(ts, ch)
+            pipe.finish()
+        wall = time.perf_counter() - t_wall
+        summary = pipe.summary(pulses_sent=pulses, duration_s=elapsed, wall_s=wall,
+                               interrupted=interrupted, source="simulated bench"
+                               if all(i.driver == "mock" for i in cfg.instruments.values())
+                               else "bench")
+        if rec is not None:
+            summary["recording"] = rec.path
+            rec.close(summary)
+    log.info("session done: %d sifted bits in %.3g s of bench time", pipe.sifted_bits,
+             elapsed)
+    return summary
 
 
 def _ratio(a, b) -> float | None:

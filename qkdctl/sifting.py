@@ -560,6 +560,12 @@ class Sifter:
         return float(self.state.period[0])
 
     @property
+    def synced_pulses(self) -> int | None:
+        """Pulses from the first to the last sync tag seen (None before any sync)."""
+        i = self.state.ints
+        return int(i[I_LAST_P] - i[I_FIRST_P]) if i[I_NSYNC] else None
+
+    @property
     def mean_period_ps(self) -> float | None:
         """Pulse period over the whole run: first to last sync tag (None before two syncs)."""
         i = self.state.ints

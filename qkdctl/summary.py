@@ -30,7 +30,7 @@ from .config import BenchConfig
 from .sequence import MODE_PATTERN, AliceSequence
 from .sifting import Detections, Sifter, SiftStats, stats_kernel
 
-__all__ = ["RunTally", "build_summary", "format_summary"]
+__all__ = ["RunTally", "build_summary", "format_raw_statistics", "format_summary"]
 
 BASIS_NAMES = ("Z", "X")
 
@@ -206,4 +206,18 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"    {name:<8} {d['mean_photon_number']:<9.4g} {d['detections']:>12,}  "
                      f"{gain:>10}  {d['sifted']['Z']:>11,}  {_pct(d['qber']['Z']):>9}  "
                      f"{d['sifted']['X']:>11,}  {_pct(d['qber']['X']):>9}")
+    return "\n".join(lines)
+
+
+def format_raw_statistics(s: dict[str, Any]) -> str:
+    """Human-readable raw-tag statistics of a file without Alice's sequence."""
+    lines = [f"{s['source']} ({s['format']}; no Alice sequence: raw-tag statistics)"]
+    first, last = s["first_timestamp_ps"], s["last_timestamp_ps"]
+    lines.append(f"  tags              {s['tags']:,}")
+    if first is not None:
+        lines.append(f"  first / last      {first:,} ps / {last:,} ps")
+    lines.append(f"  duration          {s['duration_s']:.6g} s")
+    lines.append("  tags by channel (count / rate)")
+    for c, n in s["tags_by_channel"].items():
+        lines.append(f"    {c:<6} {n:>14,}   {_si(s['count_rate_hz_by_channel'][c], 'Hz')}")
     return "\n".join(lines)
