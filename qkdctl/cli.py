@@ -125,7 +125,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .replay import describe_file
 
-    info = describe_file(args.file, timestamps_unit=args.timestamps_unit)
+    info = describe_file(args.file, timestamps_unit=args.timestamps_unit, scan=args.scan)
     if args.json:
         _print_json(info)
     else:
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="describe a recording or tag file without reading it all")
     inf.add_argument("file", metavar="FILE")
     inf.add_argument("--timestamps-unit", type=_unit, metavar="SECONDS", help=unit_help)
+    inf.add_argument("--scan", action="store_true",
+                     help="also read the tags once, to count them per channel")
     inf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     inf.set_defaults(func=cmd_info)
     return p

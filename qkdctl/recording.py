@@ -48,11 +48,14 @@ import errno
 import gc
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -355,22 +358,22 @@ class _H5Writer:
             self._f.close()
 
 
-def _writer_main(conn, args: tuple, kwargs: dict) -> None:
+def _writer_main(conn) -> None:
     """The writer process: owns the HDF5 file, so that nothing else can break it.
 
-    Messages from the recorder: ``("data", ts, ch, pulses, duration)`` and
-    ``("close", summary)``. If the recorder's process dies (the pipe closes), the
-    buffered tags are flushed and the file is closed, still marked incomplete.
-    The process always ends with ``os._exit``: after a write error HDF5 must not
-    try to tidy up a file it cannot write to.
+    Messages from the recorder: ``("open", args, kwargs)`` first, then
+    ``("data", pulses, duration)`` each followed by the raw bytes of the
+    timestamps and of the channels, and ``("close", summary)``. If the
+    recorder's process dies (the pipe closes), the buffered tags are flushed
+    and the file is closed, still marked incomplete. The process always ends
+    with ``os._exit``: after a write error HDF5 must not try to tidy up a file
+    it cannot write to.
     """
+    w = None
     try:
+        _, args, kwargs = conn.recv()
         w = _H5Writer(*args, **kwargs)
-    except RecordingError as e:
-        conn.send(("error", str(e)))
-        os._exit(1)
-    conn.send(("ready", None))
-    try:
+        conn.send(("ready", None))
         while True:
             wait = max(0.0, w.flush_interval_s - (time.monotonic() - w._last_flush))
             if not conn.poll(wait):
@@ -378,28 +381,31 @@ def _writer_main(conn, args: tuple, kwargs: dict) -> None:
                 continue
             try:
                 msg = conn.recv()
+                if msg[0] == "data":
+                    ts = np.frombuffer(conn.recv_bytes(), np.int64)
+                    ch = np.frombuffer(conn.recv_bytes(), np.uint8)
             except (EOFError, OSError):
                 w.close_incomplete()
                 os._exit(0)
             if msg[0] == "data":
-                _, ts, ch, pulses, duration = msg
-                w.append(ts, ch, pulses_sent=pulses, duration_s=duration)
+                w.append(ts, ch, pulses_sent=msg[1], duration_s=msg[2])
             elif msg[0] == "close":
                 w.close(msg[1])
                 conn.send(("closed", w.tags_written))
                 os._exit(0)
     except RecordingError as e:
-        try:
-            conn.send(("error", str(e)))
-        except OSError:
-            pass
-        os._exit(1)
+        _report(conn, str(e))
     except BaseException as e:  # noqa: BLE001 - report anything, never hang the run
-        try:
-            conn.send(("error", f"{w.path}: writer failed: {type(e).__name__}: {e}"))
-        except OSError:
-            pass
-        os._exit(1)
+        where = w.path if w is not None else "recording"
+        _report(conn, f"{where}: writer failed: {type(e).__name__}: {e}")
+    os._exit(1)
+
+
+def _report(conn, message: str) -> None:
+    try:
+        conn.send(("error", message))
+    except OSError:
+        pass
 
 
 class Recorder:
@@ -432,15 +438,22 @@ class Recorder:
         self.flush_interval_s = float(flush_interval_s)
         self._sent = 0
         self._closed = False
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
+        # a plain subprocess (not multiprocessing), so that the user's main script is
+        # never re-imported; the two ends talk over a socket pair
+        parent, child = socket.socketpair()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "qkdctl.recording", "--writer", str(child.fileno())],
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        self._conn = Connection(os.dup(parent.fileno()))
+        parent.close()
         kwargs = {"instruments": instruments, "flush_interval_s": flush_interval_s,
                   "compression": compression, "overwrite": overwrite,
                   "provenance": provenance}
-        self._proc = ctx.Process(target=_writer_main, name="qkdctl-recorder",
-                                 args=(child, (self.path, cfg, seed, sequence), kwargs))
-        self._proc.start()
-        child.close()
+        try:
+            self._conn.send(("open", (self.path, cfg, seed, sequence), kwargs))
+        except OSError:
+            pass
         kind, value = self._receive(self.START_TIMEOUT_S, "starting the writer")
         if kind != "ready":
             self._reap()
@@ -466,9 +479,12 @@ class Recorder:
                 return self._conn.recv()
         except (EOFError, OSError):
             pass
-        self._proc.join(5)
+        try:
+            code = self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         return "error", (f"{self.path}: the recording's writer process ended while "
-                         f"{what} (exit code {self._proc.exitcode})")
+                         f"{what} (exit code {code})")
 
     def _check(self) -> None:
         """Raise the writer's error, if it reported one."""
@@ -490,10 +506,11 @@ class Recorder:
             self._conn.close()
         except OSError:
             pass
-        self._proc.join(10)
-        if self._proc.is_alive():
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
-            self._proc.join(5)
+            self._proc.wait(5)
 
     def append(self, ts: np.ndarray, ch: np.ndarray, *, pulses_sent: int | None = None,
                duration_s: float | None = None) -> None:
@@ -502,8 +519,9 @@ class Recorder:
             raise RecordingError(f"{self.path}: the recording is closed")
         self._check()
         try:
-            self._conn.send(("data", np.ascontiguousarray(ts, np.int64),
-                             np.ascontiguousarray(ch, np.uint8), pulses_sent, duration_s))
+            self._conn.send(("data", pulses_sent, duration_s))
+            self._conn.send_bytes(np.ascontiguousarray(ts, np.int64))
+            self._conn.send_bytes(np.ascontiguousarray(ch, np.uint8))
         except (BrokenPipeError, OSError):
             self._fail(self._receive(1.0, "recording")[1])
         self._sent += int(ts.shape[0])
@@ -636,7 +654,8 @@ class Recording(TagSource):
             where += f" with analysis from {override.path}"
         return parse_bench(raw, where, self.bench_text or None)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, scan: bool = False) -> dict[str, Any]:
+        """The recording's metadata (``scan`` changes nothing: the counts are in the file)."""
         raw = self.raw_bench or {}
         n = self.n_tags
         ids = self._f["photon_data/measurement_specs/detectors_specs/ids"][()].tolist()
@@ -727,3 +746,9 @@ def _search(ds: h5py.Dataset, n: int, t: int) -> int:
         else:
             hi = mid
     return lo + int(np.searchsorted(ds[lo:hi], t, "left"))
+
+
+if __name__ == "__main__":  # the recorder's writer process: python -m qkdctl.recording
+    if len(sys.argv) == 3 and sys.argv[1] == "--writer":
+        _writer_main(Connection(int(sys.argv[2])))
+    sys.exit("usage: python -m qkdctl.recording --writer FD (started by qkdctl's recorder)")

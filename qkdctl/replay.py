@@ -115,10 +115,11 @@ def replay(path: str, *, config: BenchConfig | None = None, start_s: float | Non
         return summary
 
 
-def describe_file(path: str, timestamps_unit: float | None = None) -> dict[str, Any]:
-    """What a tag file's header says, without reading all of its tags."""
+def describe_file(path: str, timestamps_unit: float | None = None,
+                  scan: bool = False) -> dict[str, Any]:
+    """What a tag file's header says, without reading its tags (``scan``: count them)."""
     with open_any(path, timestamps_unit) as src:
-        return src.describe()
+        return src.describe(scan=scan)
 
 
 def convert(src_path: str, out_path: str, *, timestamps_unit: float | None = None,
@@ -128,7 +129,7 @@ def convert(src_path: str, out_path: str, *, timestamps_unit: float | None = Non
     if compression not in COMPRESSIONS:
         raise DataError(f"compression {compression!r}: choose one of " + ", ".join(COMPRESSIONS))
     with open_any(src_path, timestamps_unit) as src:
-        header = src.describe()
+        header = src.describe(scan=True)
         n = 0
         rec = Recorder.foreign(out_path, header, compression=compression, overwrite=overwrite)
         with rec:

@@ -98,7 +98,7 @@ def codes_into(pulses, start, stop, mode, key, z_thr, cum_thr, pattern, out):
         out[i] = np.uint8(z & _ONE) | (basis << 1) | (k << 2)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _lookup(pulses, mode, key, z_thr, cum_thr, pattern, out):
     codes_into(pulses, 0, pulses.shape[0], mode, key, z_thr, cum_thr, pattern, out)
 

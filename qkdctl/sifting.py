@@ -257,7 +257,7 @@ def _finalize(pend, npend, horizon, outcome, multi_click, squash_key,
     return rest, n_out
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def assign_kernel(ts, ch, final,
                   sync_channel, sync_period, first_sync_pulse, nominal_period, gate_lo,
                   gate_hi, delay, det_index, outcome, tracking, multi_click, squash_key,
@@ -376,17 +376,7 @@ def assign_kernel(ts, ch, final,
                                  multi_click, squash_key, a_mode, a_key, a_zthr, a_cum,
                                  a_pattern, out_pulse, out_basis, out_bit, out_flag, out_code,
                                  n_out, counters, hist)
-    for k in range(detected.shape[0]):
-        for b in range(2):
-            for f in range(4):
-                v = 0
-                for r in range(4):
-                    v += hist[r, ((k * 2 + b) << 2) | f]
-                detected[k, b] += v
-                if f & 2:
-                    sifted[k, b] += v
-                if f & 1:
-                    errors[k, b] += v
+    _hist_into(hist, detected, sifted, errors)
     counters[C_OUT_OF_GATE] += out_of_gate
     counters[C_BEFORE_SYNC] += before_sync
     counters[C_OTHER] += other
@@ -404,16 +394,42 @@ def assign_kernel(ts, ch, final,
 
 
 @nb.njit(cache=True)
+def _hist_into(hist, detected, sifted, errors):
+    """Add a (4 copies x 64 cells) histogram of (class, basis, sifted, error) to the counts."""
+    for k in range(detected.shape[0]):
+        for b in range(2):
+            for f in range(4):
+                v = 0
+                for r in range(4):
+                    v += hist[r, ((k * 2 + b) << 2) | f]
+                detected[k, b] += v
+                if f & 2:
+                    sifted[k, b] += v
+                if f & 1:
+                    errors[k, b] += v
+
+
+@nb.njit(cache=True, nogil=True)
 def stats_kernel(bob_basis, bob_bit, codes, detected, sifted, errors):
     """Accumulate per (intensity, basis) counts from Bob's results and Alice's codes."""
+    hist = np.zeros((4, 64), np.int64)
     for i in range(codes.shape[0]):
         c = codes[i]
-        k = c >> 2
         b = bob_basis[i]
-        detected[k, b] += 1
-        if ((c >> 1) & 1) == b:
-            sifted[k, b] += 1
-            errors[k, b] += (c & 1) != bob_bit[i]
+        sift = np.uint8(((c >> 1) & 1) == b)
+        err = sift & np.uint8((c & 1) != bob_bit[i])
+        hist[i & 3, (((c >> 2) * 2 + b) << 2) | (sift << 1) | err] += 1
+    _hist_into(hist, detected, sifted, errors)
+
+
+@nb.njit(cache=True, nogil=True)
+def key_bits_kernel(bob_basis, bob_bit, keep, basis, out):
+    """Bob's bits of the kept rows measured in ``basis``, into ``out``; returns their number."""
+    n = 0
+    for i in range(bob_bit.shape[0]):
+        out[n] = bob_bit[i]
+        n += keep[i] & (bob_basis[i] == basis)
+    return n
 
 
 # ------------------------------------------------------------------------- Python API

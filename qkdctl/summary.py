@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import BenchConfig
 from .sequence import MODE_PATTERN, AliceSequence
-from .sifting import Detections, Sifter, SiftStats, stats_kernel
+from .sifting import Detections, Sifter, SiftStats, key_bits_kernel, stats_kernel
 
 __all__ = ["RunTally", "build_summary", "format_raw_statistics", "format_summary"]
 
@@ -51,10 +51,11 @@ class RunTally:
         """Add one sifted block; returns the number of sifted key bits (Z) in it."""
         s = self.stats
         stats_kernel(det.basis, det.bit, alice_codes, s.detected, s.sifted, s.errors)
-        key = det.bit[keep & (det.basis == 0)]
+        key = np.empty(det.bit.shape[0] + 1, np.uint8)
+        n = key_bits_kernel(det.basis, det.bit, keep.view(np.uint8), 0, key)
         # one byte per bit, so that the hash does not depend on block boundaries
-        self.key_hash.update(key.astype(np.uint8).tobytes())
-        return int(key.shape[0])
+        self.key_hash.update(key[:n].tobytes())
+        return n
 
 
 def _qber(errors: int, n: int) -> tuple[float | None, float | None]:

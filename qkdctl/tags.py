@@ -79,8 +79,8 @@ class TagSource(ABC):
         self.path = str(path)
 
     @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """What the header says, without reading the tags.
+    def describe(self, scan: bool = False) -> dict[str, Any]:
+        """What the header says, without reading the tags (``scan``: one pass over them).
 
         At least: ``path``, ``format``, ``n_tags`` (or None if unknown without
         reading), ``resolution_ps``, ``channels``; and whatever the format

@@ -17,11 +17,11 @@ import pytest
 
 from qkdctl.cli import main
 from qkdctl.config import load_bench
+from qkdctl.drivers import build_mock_bench
 from qkdctl.errors import DataError
 from qkdctl.recording import Recorder, Recording, RecordingError
 from qkdctl.replay import describe_file, replay
 from qkdctl.session import run_session
-from qkdctl.drivers import build_mock_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = {"wall_s", "source", "config", "recording", "recording_complete"}
