@@ -117,38 +117,42 @@ class _Pending:
 class BobRole:
     """Bob: the sifting core on his tags, announcements, and his half of the key."""
 
-    def __init__(self, params: SiftParams, channel: Channel):
+    def __init__(self, params: SiftParams, channel: Channel, window: int = 1):
+        """``window``: how many announced blocks may wait for Alice's reply at once."""
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self.sifter = Sifter(params)
         self.channel = channel
+        self.window = window
         self._seq = 0
         self._block = 0
-        self._pending: _Pending | None = None
+        self._pending: deque[_Pending] = deque()
 
     def announce(self, ts: np.ndarray, ch: np.ndarray, final: bool = False) -> Detections:
         """Sift a block of tags and announce its detections; returns them (Bob's copy)."""
-        if self._pending is not None:
+        if len(self._pending) >= self.window:
             raise ChannelError("bob: a block is still waiting for Alice's reply")
         det = self.sifter.finish() if final else self.sifter.process(ts, ch)
         self.channel.send(DetectionAnnouncement(self._seq, self._block, det.pulse, det.basis))
         self._seq += 1
-        self._pending = _Pending(self._block, det)
+        self._pending.append(_Pending(self._block, det))
         self._block += 1
         return det
 
     def accept(self) -> tuple[Detections, np.ndarray, np.ndarray]:
-        """Receive Alice's reply to the pending block.
+        """Receive Alice's reply to the oldest pending block.
 
         Returns (detections, keep mask, intensity classes).
         """
         reply = self.channel.recv()
-        p = self._pending
+        p = self._pending[0] if self._pending else None
         if not isinstance(reply, SiftingReply) or p is None or reply.block != p.block:
             raise ChannelError("bob: expected Alice's sifting reply to block "
                                f"{None if p is None else p.block}")
         if reply.keep.shape != p.det.pulse.shape or reply.intensity.shape != p.det.pulse.shape:
             raise ChannelError(f"bob: reply to block {p.block} has {reply.keep.shape[0]} "
                                f"entries for {p.det.pulse.shape[0]} announced pulses")
-        self._pending = None
+        self._pending.popleft()
         return p.det, reply.keep, reply.intensity
 
 

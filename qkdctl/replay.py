@@ -84,35 +84,42 @@ def replay(path: str, *, config: BenchConfig | None = None, start_s: float | Non
                     "has_alice_sequence": False, **stats,
                     "header": src.describe(), "wall_s": time.perf_counter() - t_wall}
         cfg = src.bench(config)
-        pipe = SiftingPipeline(cfg, src.seed, src.sequence)
-        n = src.n_tags
-        done = 0
-        for ts, ch in _prefetch(src.blocks(block_tags, start_ps, stop_ps)):
-            pipe.feed(ts, ch)
-            done += ts.shape[0]
-            if progress is not None:
-                progress({**pipe.snapshot(done, n), "tags": done})
-        pipe.finish()
-        full = start_ps is None and stop_ps is None
-        if full:
-            pulses, duration = src.pulses_sent, src.duration_s
-            live = src.summary or {}
-            interrupted = bool(live.get("interrupted", not src.complete))
-        else:
-            # a time range: the pulses between its first and last sync tags, and one
-            # sync period for the part after the last sync
-            span = pipe.bob.sifter.synced_pulses
-            pulses = span + cfg.source.sync_period_pulses if span is not None else 0
-            duration = pulses / cfg.source.rep_rate_hz
-            interrupted = False
-        summary = pipe.summary(pulses_sent=pulses, duration_s=duration,
-                               wall_s=time.perf_counter() - t_wall, interrupted=interrupted,
-                               source=f"replay of {path}")
-        summary["recording"] = path
-        summary["recording_complete"] = src.complete
-        if not full:
-            summary["time_range_s"] = [start_s, stop_s]
-        return summary
+        with SiftingPipeline(cfg, src.seed, src.sequence) as pipe:
+            return _replay_recording(path, src, cfg, pipe, start_ps, stop_ps, block_tags,
+                                     progress, t_wall, start_s, stop_s)
+
+
+def _replay_recording(path, src, cfg, pipe, start_ps, stop_ps, block_tags, progress, t_wall,
+                      start_s, stop_s) -> dict[str, Any]:
+    """Sift a recording's blocks (read ahead in a thread) and summarise them."""
+    n = src.n_tags
+    done = 0
+    for ts, ch in _prefetch(src.blocks(block_tags, start_ps, stop_ps)):
+        pipe.feed(ts, ch)
+        done += ts.shape[0]
+        if progress is not None:
+            progress({**pipe.snapshot(done, n), "tags": done})
+    pipe.finish()
+    full = start_ps is None and stop_ps is None
+    if full:
+        pulses, duration = src.pulses_sent, src.duration_s
+        live = src.summary or {}
+        interrupted = bool(live.get("interrupted", not src.complete))
+    else:
+        # a time range: the pulses between its first and last sync tags, and one
+        # sync period for the part after the last sync
+        span = pipe.bob.sifter.synced_pulses
+        pulses = span + cfg.source.sync_period_pulses if span is not None else 0
+        duration = pulses / cfg.source.rep_rate_hz
+        interrupted = False
+    summary = pipe.summary(pulses_sent=pulses, duration_s=duration,
+                           wall_s=time.perf_counter() - t_wall, interrupted=interrupted,
+                           source=f"replay of {path}")
+    summary["recording"] = path
+    summary["recording_complete"] = src.complete
+    if not full:
+        summary["time_range_s"] = [start_s, stop_s]
+    return summary
 
 
 def describe_file(path: str, timestamps_unit: float | None = None,

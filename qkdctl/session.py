@@ -13,6 +13,7 @@ once (the bench still goes to its safe state).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -21,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +106,8 @@ class SiftingPipeline:
     reproduces the live run exactly.
     """
 
+    WINDOW = 2
+
     def __init__(self, cfg: BenchConfig, seed: int, sequence: AliceSequence):
         self.cfg = cfg
         self.seed = seed
@@ -111,19 +115,51 @@ class SiftingPipeline:
         params = SiftParams.from_config(cfg, seed)
         channel = LocalChannel()
         self.alice = AliceRole(sequence, channel.alice)
-        self.bob = BobRole(params, channel.bob)
+        self.bob = BobRole(params, channel.bob, window=self.WINDOW)
         self.tally = RunTally(params.n_intensities)
         self.sifted_bits = 0
+        # Alice's side of each block runs in a worker thread while Bob sifts the next
+        # (the kernels release the GIL); one worker keeps the blocks in order
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._inflight: deque[concurrent.futures.Future] = deque()
 
-    def feed(self, ts: np.ndarray | None, ch: np.ndarray | None, final: bool = False) -> None:
-        """Sift one block (``final``: release what is held, at the end of the run)."""
-        self.bob.announce(ts, ch, final=final)
+    def _alice_and_tally(self) -> None:
         codes = self.alice.reply()
         det, keep, _ = self.bob.accept()
         self.sifted_bits += self.tally.add(det, codes, keep)
 
+    def _wait(self, keep: int) -> None:
+        while len(self._inflight) > keep:
+            self._inflight.popleft().result()
+
+    def feed(self, ts: np.ndarray | None, ch: np.ndarray | None, final: bool = False) -> None:
+        """Sift one block (``final``: release what is held, at the end of the run)."""
+        self._wait(self.WINDOW - 1)
+        try:
+            self.bob.announce(ts, ch, final=final)
+        except BaseException:
+            self._wait(0)
+            raise
+        self._inflight.append(self._worker.submit(self._alice_and_tally))
+
     def finish(self) -> None:
+        """Release what is held and wait until every block is sifted."""
         self.feed(None, None, final=True)
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until every announced block is sifted."""
+        self._wait(0)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     def snapshot(self, bench_s: float, duration_s: float) -> dict[str, Any]:
         """The small progress dict (bench time, detections, sifted bits, QBERs so far)."""
@@ -136,6 +172,7 @@ class SiftingPipeline:
 
     def summary(self, *, pulses_sent: int, duration_s: float, wall_s: float,
                 interrupted: bool, source: str) -> dict[str, Any]:
+        self.drain()
         return build_summary(self.cfg, self.bob.sifter, self.tally, seed=self.seed,
                              sequence=self.sequence, pulses_sent=pulses_sent,
                              duration_s=duration_s, wall_s=wall_s, interrupted=interrupted,
@@ -184,7 +221,6 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
         seed = new_seed()
     bench = build_bench(cfg, seed) if bench is None else bench
     sequence = AliceSequence.from_config(cfg.source, seed)
-    pipe = SiftingPipeline(cfg, seed, sequence)
     interrupted = False
     t_wall = time.perf_counter()
     elapsed = 0.0
@@ -195,7 +231,8 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
         pulses = getattr(tagger, "pulses_simulated", None)
         return (round(el * cfg.source.rep_rate_hz) if pulses is None else pulses), el
 
-    with _StopRequest() as ctrl_c, contextlib.ExitStack() as outer:
+    with _StopRequest() as ctrl_c, contextlib.ExitStack() as outer, \
+            SiftingPipeline(cfg, seed, sequence) as pipe:
         with contextlib.ExitStack() as stack:
             for role in ARM_ORDER:
                 stack.enter_context(bench[role])
