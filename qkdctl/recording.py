@@ -22,14 +22,18 @@ Layout (Photon-HDF5 0.5, plus what QKD needs under ``/user/qkd``)::
 **Never losing data.** The file is written in HDF5's single-writer /
 multiple-reader mode (SWMR): every object exists before the first tag is
 written, datasets only grow, and HDF5 orders its metadata writes so that the
-file on disk is consistent at every flush. Tags are buffered in memory and
-flushed every ``flush_interval_s`` (default 1 s) of wall time; a process
-killed at any moment (SIGKILL included) leaves a file that opens and replays
-everything up to its last flush. Such a file is marked incomplete
-(``state[2] == 0``). qkdctl opens recordings as SWMR readers, which works on
-files whose writer died; other HDF5 tools may first need ``h5clear -s FILE``.
-A write error (disk full, I/O error) raises :class:`RecordingError` with one
-line; the file stays valid up to the last flush.
+file on disk is consistent at every flush. The file belongs to a writer
+process of its own (:class:`Recorder` starts it and hands it the blocks over
+a socket pair), which buffers the tags and flushes every
+``flush_interval_s`` (default 1 s) of wall time. A run killed at any moment
+(SIGKILL included) leaves a file that opens and replays everything up to its
+last flush; such a file is marked incomplete (``state[2] == 0``). If only the
+controller dies, the writer flushes what it was given and closes the file,
+still marked incomplete. A file still marked open by a dead writer opens in
+qkdctl as an SWMR reader; other HDF5 tools may first need ``h5clear -s FILE``.
+A write error (disk full, I/O error) ends the writer at once, so that HDF5
+never touches the file again; the run stops with one :class:`RecordingError`
+line and the file stays valid up to the last flush.
 
 **Compression** is chosen by measurement on the simulated bench's tags
 (1.15e7 tags, this machine, in bytes per tag / write / read Mtags/s): none
