@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -754,5 +755,8 @@ def _search(ds: h5py.Dataset, n: int, t: int) -> int:
 
 if __name__ == "__main__":  # the recorder's writer process: python -m qkdctl.recording
     if len(sys.argv) == 3 and sys.argv[1] == "--writer":
+        # Ctrl-C on the terminal reaches the whole process group: the controller
+        # decides when the run stops and tells the writer to close
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _writer_main(Connection(int(sys.argv[2])))
     sys.exit("usage: python -m qkdctl.recording --writer FD (started by qkdctl's recorder)")

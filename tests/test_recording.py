@@ -282,3 +282,27 @@ def test_non_monotonic_timestamps_are_refused(tmp_path, cfg):
         ts[1000] = ts[999] - 5
     with pytest.raises(DataError, match=r"timestamps decrease at tag 1000"):
         replay(str(p))
+
+
+def test_ctrl_c_during_a_recorded_run_keeps_a_complete_recording(tmp_path):
+    """Ctrl-C reaches the writer process too; the run still stops cleanly and closes the file."""
+    p = tmp_path / "ctrlc.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkdctl.cli", "-v", "run", "--duration", "30", "--seed", "9",
+         "--record", str(p), "--json", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_tags(p, 500_000, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    live = json.loads(out)
+    assert live["interrupted"] is True and live["duration_s"] < 30
+    with Recording(p) as r:
+        assert r.complete
+    rep = replay(str(p))
+    assert rep["sifted_key_sha256"] == live["sifted_key_sha256"]
+    assert stable(rep) == stable(live)
