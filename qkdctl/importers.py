@@ -106,7 +106,7 @@ import numpy as np
 import ptufile
 
 from .errors import DataError
-from .tags import BlockChecker, TagSource, time_range
+from .tags import BlockChecker, TagSource, open_h5, time_range
 
 __all__ = [
     "HDF5_MAGIC",
@@ -672,18 +672,9 @@ class PtuSource(TagSource):
 # -- Photon-HDF5 -------------------------------------------------------------------------
 
 def _h5_open(path: str) -> h5py.File:
-    """Open read-only; a file still marked open by its writer opens as an SWMR reader.
-
-    A plain open comes first: it refuses a damaged file at once, where an SWMR
-    reader retries every failed metadata checksum for a long time.
-    """
+    """Open read-only (:func:`qkdctl.tags.open_h5`), errors as one-line DataErrors."""
     try:
-        try:
-            return h5py.File(path, "r")
-        except OSError as e:
-            if "already open for write" not in str(e) and "h5clear" not in str(e):
-                raise
-            return h5py.File(path, "r", swmr=True)
+        return open_h5(path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, RuntimeError, ValueError) as e:

@@ -72,7 +72,7 @@ from . import __version__
 from .config import BenchConfig, parse_bench
 from .errors import DataError, QkdctlError
 from .sequence import AliceSequence
-from .tags import BlockChecker, TagSource, time_range
+from .tags import BlockChecker, TagSource, open_h5, time_range
 
 __all__ = ["COMPRESSIONS", "Recorder", "Recording", "RecordingError", "is_recording"]
 
@@ -126,6 +126,18 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, sort_keys=True)
 
 
+def _check_options(path: str, compression: str, flush_interval_s: float,
+                   overwrite: bool) -> None:
+    if compression not in COMPRESSIONS:
+        raise RecordingError(f"compression {compression!r}: choose one of "
+                             + ", ".join(COMPRESSIONS))
+    if not (flush_interval_s > 0):
+        raise RecordingError(f"flush interval {flush_interval_s!r} s: must be > 0")
+    if os.path.exists(path) and not overwrite:
+        raise RecordingError(f"{path}: exists; give another file name (recordings are "
+                             "never overwritten)")
+
+
 class _H5Writer:
     """Writes one recording with h5py; runs in the recorder's writer process.
 
@@ -139,14 +151,7 @@ class _H5Writer:
                  flush_interval_s: float = 1.0, compression: str = "bitshuffle-lz4",
                  overwrite: bool = False, provenance: dict[str, Any] | None = None):
         self.path = str(path)
-        if compression not in COMPRESSIONS:
-            raise RecordingError(f"compression {compression!r}: choose one of "
-                                 + ", ".join(COMPRESSIONS))
-        if not (flush_interval_s > 0):
-            raise RecordingError(f"flush interval {flush_interval_s!r} s: must be > 0")
-        if os.path.exists(self.path) and not overwrite:
-            raise RecordingError(f"{self.path}: exists; give another file name (recordings "
-                                 "are never overwritten)")
+        _check_options(self.path, compression, flush_interval_s, overwrite)
         self.flush_interval_s = float(flush_interval_s)
         self._pending_t: list[np.ndarray] = []
         self._pending_c: list[np.ndarray] = []
@@ -432,14 +437,7 @@ class Recorder:
                  flush_interval_s: float = 1.0, compression: str = "bitshuffle-lz4",
                  overwrite: bool = False, provenance: dict[str, Any] | None = None):
         self.path = str(path)
-        if compression not in COMPRESSIONS:
-            raise RecordingError(f"compression {compression!r}: choose one of "
-                                 + ", ".join(COMPRESSIONS))
-        if not (flush_interval_s > 0):
-            raise RecordingError(f"flush interval {flush_interval_s!r} s: must be > 0")
-        if os.path.exists(self.path) and not overwrite:
-            raise RecordingError(f"{self.path}: exists; give another file name (recordings "
-                                 "are never overwritten)")
+        _check_options(self.path, compression, flush_interval_s, overwrite)
         self.flush_interval_s = float(flush_interval_s)
         self._sent = 0
         self._closed = False
@@ -565,7 +563,7 @@ class Recorder:
 def is_recording(path: str) -> bool:
     """True when ``path`` is an HDF5 file with the qkdctl group."""
     try:
-        with _open_h5(path) as f:
+        with open_h5(path) as f:
             return QKD_GROUP in f
     except OSError:
         return False
@@ -579,7 +577,7 @@ class Recording(TagSource):
     def __init__(self, path: str | Path):
         super().__init__(str(path))
         try:
-            self._f = _open_h5(self.path)
+            self._f = open_h5(self.path)
         except FileNotFoundError:
             raise DataError(f"{self.path}: no such file") from None
         except OSError as e:
@@ -718,23 +716,6 @@ class Recording(TagSource):
         if f is not None:
             f.close()
             self._f = None
-
-
-def _open_h5(path: str) -> h5py.File:
-    """Open an HDF5 file for reading; a recording whose writer died opens as a SWMR reader.
-
-    A plain open comes first: it refuses a damaged file at once, where a SWMR
-    reader retries every failed metadata checksum (it takes the damage for a
-    write in progress). A file still marked open by its writer (a crashed run,
-    or one still being recorded) can only be opened as a SWMR reader, which is
-    what SWMR's ordered writes make safe.
-    """
-    try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        if "already open for write" not in str(e) and "h5clear" not in str(e):
-            raise
-    return h5py.File(path, "r", swmr=True)
 
 
 def _str(v: Any) -> str:

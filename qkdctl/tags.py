@@ -20,12 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
+import h5py
 import numba as nb
 import numpy as np
 
 from .errors import DataError
 
-__all__ = ["BlockChecker", "TagSource", "raw_statistics", "time_range"]
+__all__ = ["BlockChecker", "TagSource", "open_h5", "raw_statistics", "time_range"]
 
 
 @nb.njit(cache=True)
@@ -132,3 +133,20 @@ def raw_statistics(source: TagSource, block_tags: int = 1 << 20,
         "count_rate_hz_by_channel": {c: (k / duration if duration > 0 else None)
                                      for c, k in by_ch.items()},
     }
+
+
+def open_h5(path: str) -> h5py.File:
+    """Open an HDF5 file read-only; one still marked open by its writer as an SWMR reader.
+
+    A plain open comes first: it refuses a damaged file at once, where an SWMR
+    reader retries every failed metadata checksum (it takes the damage for a
+    write in progress). A file still marked open by its writer (a recording
+    whose run crashed, or one still being written) can only be opened as an
+    SWMR reader, which SWMR's ordered writes make safe. Raises OSError.
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if "already open for write" not in str(e) and "h5clear" not in str(e):
+            raise
+    return h5py.File(path, "r", swmr=True)
