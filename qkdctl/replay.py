@@ -19,6 +19,7 @@ next block is read in a background thread while the current one is sifted
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +33,8 @@ from .session import SiftingPipeline
 from .tags import TagSource, raw_statistics
 
 __all__ = ["convert", "describe_file", "open_any", "replay"]
+
+log = logging.getLogger(__name__)
 
 
 def open_any(path: str, timestamps_unit: float | None = None) -> TagSource:
@@ -79,6 +82,9 @@ def replay(path: str, *, config: BenchConfig | None = None, start_s: float | Non
     with open_any(path, timestamps_unit) as src:
         start_ps, stop_ps = _range_ps(src, start_s, stop_s)
         if not isinstance(src, Recording) or src.sequence is None:
+            if config is not None:
+                log.warning("%s: no Alice sequence, so nothing to re-analyse with %s; "
+                            "raw-tag statistics only", path, config.path)
             stats = raw_statistics(src, block_tags, start_ps, stop_ps)
             return {"source": f"replay of {path}", "format": src.format,
                     "has_alice_sequence": False, **stats,

@@ -306,3 +306,42 @@ def test_ctrl_c_during_a_recorded_run_keeps_a_complete_recording(tmp_path):
     rep = replay(str(p))
     assert rep["sifted_key_sha256"] == live["sifted_key_sha256"]
     assert stable(rep) == stable(live)
+
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared real-data folder {SHARED} is absent")
+def test_convert_a_ptu_file_and_replay_it(tmp_path, capsys):
+    src = SHARED / "picoquant" / "picoharp_v30_t2.ptu"
+    out = tmp_path / "converted.h5"
+    assert main(["convert", str(src), str(out), "--json"]) == 0
+    conv = json.loads(capsys.readouterr().out)
+    assert conv["tags"] == 920_177 and conv["format"] == "ptu"
+    assert main(["replay", str(src), "--json", "-q"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert main(["replay", str(out), "--json", "-q"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for k in ("tags", "tags_by_channel", "first_timestamp_ps", "last_timestamp_ps",
+              "duration_s"):
+        assert again[k] == direct[k], k
+    assert direct["tags_by_channel"] == {"0": 531_477, "1": 388_700}
+    assert direct["first_timestamp_ps"] == 32486569 * 4
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["has_alice_sequence"] is False and info["converted_from"] == str(src)
+    assert info["n_tags"] == 920_177
+    # converted tags have no Alice sequence: --config has nothing to re-analyse (a warning)
+    assert main(["replay", str(out), "--config", str(ROOT / "configs" / "sim.toml"), "-q"]) == 0
+    assert "no Alice sequence" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared real-data folder {SHARED} is absent")
+def test_photon_hdf5_without_unit_via_the_cli(tmp_path, capsys):
+    src = SHARED / "photon-hdf5" / "photon_hdf5_min.h5"
+    code = main(["replay", str(src), "--json", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--timestamps-unit" in err and "Traceback" not in err
+    assert main(["replay", str(src), "--json", "-q", "--timestamps-unit", "5e-9"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tags"] == 1280 and d["tags_by_channel"] == {"0": 727, "1": 553}
