@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import gc
 import json
 import logging
 import os
@@ -350,7 +349,6 @@ class _H5Writer:
     def _abandon(self) -> None:
         """Close the file after it could not be set up."""
         self._closed = True
-        self._ts = self._ch = self._state = self._dur = self._summary = None
         f = getattr(self, "_f", None)
         self._f = None
         if f is not None:
@@ -358,7 +356,6 @@ class _H5Writer:
                 f.close()
             except Exception:  # noqa: BLE001 - the file is already in trouble
                 pass
-        gc.collect()
 
     def close_incomplete(self) -> None:
         """Flush and close without marking the recording complete (the run was lost)."""
