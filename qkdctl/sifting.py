@@ -1,7 +1,9 @@
 """The sifting core: time tags in, sifted key and its statistics out.
 
-Three small numba kernels, each with a plain-Python twin in
-:mod:`qkdctl.sifting_reference` that the tests compare against:
+The work is done by numba kernels; the assignment and the multi-click merge
+have a plain-Python and a numpy twin in :mod:`qkdctl.sifting_reference` that
+the tests compare against, and the statistics are checked against direct
+counts:
 
 1. :func:`assign_kernel` (Bob's side) walks the tags in time order. Sync tags
    fix the pulse numbering and the pulse period: the period is the slope
@@ -23,8 +25,10 @@ Three small numba kernels, each with a plain-Python twin in
    the door to detector-efficiency-mismatch attacks, so it is not the
    default). The random choices are a keyed hash of the pulse number, so they
    do not depend on block boundaries.
-3. :func:`stats_kernel` compares Bob's results with Alice's codes of the same
-   pulses and accumulates counts per intensity class and basis.
+3. Alice's side: her code of every detected pulse, and the counts per
+   intensity class and basis (detected, sifted, errors). :class:`Sifter` with
+   a sequence does it inside :func:`assign_kernel`, block by block; the
+   protocol roles do it with :func:`stats_kernel` on Alice's reply.
 
 All state that spans a block boundary (sync history, held detections) lives
 in :class:`SiftState`, so a run gives the same result whatever its block
