@@ -28,7 +28,9 @@ __all__ = [
     "AnalysisConfig",
     "BenchConfig",
     "DetectorChannel",
+    "EavesdropperConfig",
     "InstrumentConfig",
+    "PostprocessConfig",
     "ReceiverConfig",
     "SimConfig",
     "SimDetector",
@@ -134,6 +136,38 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class PostprocessConfig:
+    """From sifted key to secret key: estimation, error correction, verification,
+    privacy amplification, finite-key length, authentication of the classical channel."""
+
+    enabled: bool = _spec("distil secret key (false: stop at sifted key)", default=True)
+    block_bits: int = _spec("sifted key bits (key basis) per privacy-amplification block",
+                            lo=1024, hi=2**30, default=1 << 22)
+    min_block_bits: int = _spec("the last, partial block of a run is distilled if it has at "
+                                "least this many bits", lo=1024, hi=2**30, default=1 << 18)
+    qber_sample_fraction: float = _spec(
+        "fraction of the key-basis bits disclosed to estimate the QBER before error "
+        "correction", lo=0.0, hi=0.5, lo_open=True, default=0.005)
+    qber_abort: float = _spec("a block whose estimated QBER (either basis) exceeds this "
+                              "raises a tamper alarm and yields no key", lo=0.0, hi=0.5,
+                              lo_open=True, default=0.11)
+    phase_error_tolerance: float = _spec("a block whose phase-error bound exceeds this "
+                                         "yields no key", lo=0.0, hi=0.5, lo_open=True,
+                                         default=0.11)
+    eps_sec: float = _spec("secrecy parameter of each block", lo=0.0, hi=1.0, lo_open=True,
+                           hi_open=True, default=1e-9)
+    eps_cor: float = _spec("correctness parameter of each block (verification hash)",
+                           lo=0.0, hi=1.0, lo_open=True, hi_open=True, default=1e-15)
+    error_correction: str = _spec("reconciliation protocol", choices=("cascade",),
+                                  default="cascade")
+    auth: str = _spec("authentication of the classical channel",
+                      choices=("hmac-sha256", "wegman-carter"), default="hmac-sha256")
+    psk_file: str = _spec("file holding the pre-shared authentication key (at least 32 "
+                          "bytes; empty: a fresh key per session, which only the simulated "
+                          "bench may use)", default="")
+
+
+@dataclass(frozen=True)
 class InstrumentConfig:
     """One instrument of the bench: its driver, where it is, its settings and limits."""
 
@@ -165,6 +199,32 @@ class SimDetector:
 
 
 @dataclass(frozen=True)
+class EavesdropperConfig:
+    """An eavesdropper on the simulated quantum channel, at Alice's output.
+
+    ``intercept-resend``: on each attacked pulse Eve measures in a random basis
+    with an ideal detector and, when she detects a photon, resends a pulse of
+    the same mean photon number in the state she found (none otherwise).
+    ``pns``: photon-number splitting. Eve measures the photon number without
+    disturbing the polarization, keeps one photon of every multi-photon pulse
+    and forwards the rest to Bob over a channel of her own; she blocks single
+    photons. Her channel's transmittance (and, if that is not enough, the
+    fraction of single photons she lets through) are chosen so that Bob sees the
+    signal gain of the honest channel, unless given here.
+    """
+
+    attack: str = _spec("the attack", choices=("none", "intercept-resend", "pns"),
+                        default="none")
+    fraction: float = _spec("fraction of pulses attacked", lo=0.0, hi=1.0, default=1.0)
+    pns_channel_transmittance: float | None = _spec(
+        "transmittance of Eve's channel to Bob (default: chosen to keep the signal gain)",
+        lo=0.0, hi=1.0, default=None)
+    pns_single_photon_block_fraction: float | None = _spec(
+        "fraction of single-photon pulses Eve blocks (default: chosen to keep the signal "
+        "gain)", lo=0.0, hi=1.0, default=None)
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """The simulated optical table behind the mock instruments."""
 
@@ -187,6 +247,8 @@ class SimConfig:
         "laser current at which the source's mean photon numbers hold", lo=0.0,
         lo_open=True, default=45.0)
     detectors: tuple[SimDetector, ...] = _spec("simulated detectors", default=())
+    eavesdropper: EavesdropperConfig = _spec("an eavesdropper on the channel",
+                                             default_factory=EavesdropperConfig)
 
     @property
     def channel_transmittance(self) -> float:
@@ -207,6 +269,7 @@ class BenchConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     instruments: dict[str, InstrumentConfig] = field(default_factory=dict)
     sim: SimConfig | None = None
     path: str = "<string>"
@@ -225,9 +288,11 @@ class BenchConfig:
 
 # --------------------------------------------------------------------------- parsing
 
-_BENCH_KEYS = {"bench", "source", "receiver", "analysis", "instruments", "sim"}
+_BENCH_KEYS = {"bench", "source", "receiver", "analysis", "postprocess", "instruments", "sim"}
 _BENCH_TABLE = {"name": str, "protocol": str}
-PROTOCOLS = ("bb84-decoy",)
+#: protocol -> number of intensity classes: "bb84-decoy" is efficient BB84 with two decoys
+#: (finite-key bound of Lim et al. 2014), "bb84-one-decoy" with one (Rusca et al. 2018)
+PROTOCOLS = {"bb84-decoy": 3, "bb84-one-decoy": 2}
 
 
 class _Ctx:
@@ -341,6 +406,18 @@ def _cross_checks(ctx: _Ctx, b: BenchConfig) -> None:
     if len(set(s.mean_photon_numbers)) != n:
         ctx.fail("source.mean_photon_numbers",
                  f"{list(s.mean_photon_numbers)}: intensity classes must differ")
+    want = PROTOCOLS[b.protocol]
+    mu = s.mean_photon_numbers
+    if n != want:
+        ctx.fail("source.mean_photon_numbers",
+                 f"{list(mu)}: protocol {b.protocol!r} needs {want} intensity classes")
+    if b.protocol == "bb84-decoy" and not mu[0] > mu[1] + mu[2]:
+        ctx.fail("source.mean_photon_numbers",
+                 f"{list(mu)}: the two-decoy bound needs signal > decoy + vacuum")
+    p = b.postprocess
+    if p.min_block_bits > p.block_bits:
+        ctx.fail("postprocess.min_block_bits", f"{p.min_block_bits} is larger than "
+                 f"postprocess.block_bits = {p.block_bits}")
 
     r = b.receiver
     if not r.detectors:
@@ -431,6 +508,7 @@ def parse_bench(data: dict[str, Any], path: str = "<string>",
         source=table("source", SourceConfig),
         receiver=table("receiver", ReceiverConfig),
         analysis=table("analysis", AnalysisConfig),
+        postprocess=table("postprocess", PostprocessConfig),
         instruments=instruments,
         sim=table("sim", SimConfig) if "sim" in data else None,
         path=path,

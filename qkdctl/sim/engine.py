@@ -93,9 +93,26 @@ def _merge(a, na, b, nb_, out):
     return k
 
 
+@nb.njit(cache=True, inline="always")
+def _eve_code(c, code, eve_mode, eve_key, eve_thr, ncode):
+    """Extended code of pulse ``c`` under the attack (see :class:`~.table.EveTables`)."""
+    h = hash_index(eve_key, c)
+    if (h >> np.uint64(11)) >= eve_thr:
+        return code
+    if eve_mode == 1:
+        # intercept-resend: a random basis; the right one gives Alice's bit, the
+        # other a random bit
+        a = (code >> 1) & 1
+        eb = np.int64(h & np.uint64(1))
+        xb = (code & 1) if eb == a else np.int64((h >> np.uint64(1)) & np.uint64(1))
+        return ncode + ((code & ~3) | (eb << 1) | xb)
+    return 2 * ncode + code
+
+
 @nb.njit(cache=True)
 def _photons(c, n1, ctr, ph_t, ph_n, mode, key, z_thr, cum_thr, pattern, p_click, p_any,
-             p_rest, p_max, log1m_pmax, offset, p_int, p_frac, delay, jitter, jit_clip):
+             p_rest, p_max, log1m_pmax, offset, p_int, p_frac, delay, jitter, jit_clip,
+             eve_mode, eve_key, eve_thr, p_ext, ir_scale, m_cdf, w_cum):
     """Photon clicks of candidates c .. n1-1; returns (next candidate, stream counter).
 
     The stream counter is kept in a register here: this loop runs for every
@@ -103,13 +120,48 @@ def _photons(c, n1, ctr, ph_t, ph_n, mode, key, z_thr, cum_thr, pattern, p_click
     """
     ndet = ph_n.shape[0]
     cap = ph_t.shape[1]
+    ncode = p_click.shape[0]
     for j in range(ndet):
         ph_n[j] = 0
     while c < n1:
-        code = alice_code(c, mode, key, z_thr, cum_thr, pattern)
+        code = np.int64(alice_code(c, mode, key, z_thr, cum_thr, pattern))
         u, ctr = uniform_at(ctr)
         v = u * p_max
-        if v <= p_any[code]:
+        if eve_mode != 0:
+            code = _eve_code(c, code, eve_mode, eve_key, eve_thr, ncode)
+            keep = v <= p_ext[code]
+            if keep and code >= 2 * ncode:
+                # photon-number splitting: photons reaching Bob from their law given
+                # a click, then each detected or lost, until at least one is detected
+                code -= 2 * ncode
+                r = v / p_ext[2 * ncode + code]
+                m = 0
+                while m < m_cdf.shape[1] - 1 and r > m_cdf[code, m]:
+                    m += 1
+                hit = 0
+                while hit == 0:
+                    for _ in range(m):
+                        g, ctr = uniform_at(ctr)
+                        for j in range(ndet):
+                            if g <= w_cum[code, j]:
+                                hit |= 1 << j
+                                break
+                for j in range(ndet):
+                    if hit & (1 << j):
+                        x, ctr = normal_clipped_at(ctr, jit_clip)
+                        if ph_n[j] >= cap:
+                            return c, ctr, True
+                        ph_t[j, ph_n[j]] = _tag_time(c, offset, p_int, p_frac,
+                                                     delay[j] + jitter[j] * x)
+                        ph_n[j] += 1
+                keep = False
+            elif keep and code >= ncode:
+                # intercept-resend: Bob sees Eve's pulse, sent if she detected one
+                code -= ncode
+                v = v / ir_scale[code >> 2]
+        else:
+            keep = v <= p_any[code]
+        if keep:
             # Given a click among detectors start.. , v is uniform on (0, P(click)]
             # and picks the first of them that clicks; then one draw decides whether
             # any later detector clicks too (probability p_rest), and so on.
@@ -146,7 +198,7 @@ def _photons(c, n1, ctr, ph_t, ph_n, mode, key, z_thr, cum_thr, pattern, p_click
 def _photons_batch(s_first, nb, n0, n_end, carry_c, carry_ctr, photon_key, ph_t, ph_n,
                    end_c, end_ctr, overflow, mode, key, z_thr, cum_thr, pattern, p_click,
                    p_any, p_rest, p_max, log1m_pmax, offset, p_int, p_frac, delay, jitter,
-                   jit_clip):
+                   jit_clip, eve_mode, eve_key, eve_thr, p_ext, ir_scale, m_cdf, w_cum):
     """Photon clicks of sub-chunks s_first .. s_first+nb-1, in parallel.
 
     Sub-chunk s covers pulses [s * SUB_PULSES, (s + 1) * SUB_PULSES) and has a
@@ -173,7 +225,8 @@ def _photons_batch(s_first, nb, n0, n_end, carry_c, carry_ctr, photon_key, ph_t,
                 c = lo + np.int64(math.log(g) / log1m_pmax)
         c, ctr, ovf = _photons(c, hi, ctr, ph_t[b], ph_n[b], mode, key, z_thr, cum_thr,
                                pattern, p_click, p_any, p_rest, p_max, log1m_pmax, offset,
-                               p_int, p_frac, delay, jitter, jit_clip)
+                               p_int, p_frac, delay, jitter, jit_clip, eve_mode, eve_key,
+                               eve_thr, p_ext, ir_scale, m_cdf, w_cum)
         end_c[b] = c
         end_ctr[b] = ctr
         overflow[b] = ovf
@@ -331,6 +384,7 @@ class TagGenerator:
         # [next pulse to simulate, next photon candidate of a cut sub-chunk]
         self.pos = np.zeros(2, np.int64)
         self.photon_key = np.uint64(derive_key(self.seed, "photons"))
+        self.eve_key = np.uint64(derive_key(self.seed, "eavesdropper"))
         self.photon_ctr = np.uint64(0)  # stream counter of a cut sub-chunk
         self.sync_rng = np.array([derive_key(self.seed, "sync")], dtype=np.uint64)
         self.dark_rng = np.array([derive_key(self.seed, f"dark{j}") for j in range(ndet)],
@@ -358,6 +412,11 @@ class TagGenerator:
         self.offset = np.int64(t.clock_offset_ps)
         self.p_click, self.p_any, self.p_rest = t.click_probabilities()
         self.p_max = float(self.p_any.max()) if self.p_any.size else 0.0
+        self.eve_mode = np.int64(t.eve_attack if t.eve_fraction > 0 else 0)
+        self.eve_thr = np.uint64(min(round(t.eve_fraction * 2.0**53), 2**53))
+        self.eve = t.eve_tables() if self.eve_mode else None
+        if self.eve is not None:
+            self.p_max = max(self.p_max, float(self.eve.p_any.max()))
         self.log1m_pmax = math.log1p(-self.p_max) if 0 < self.p_max < 1 else -1.0
         # Memorylessness: after any change the next photon candidate and the next
         # dark count are redrawn from the current pulse, which is exact. (A change
@@ -390,6 +449,8 @@ class TagGenerator:
         # photon buffers: a sub-chunk's clicks per detector, mean + 20 sigma (a batch
         # that overflows is redrawn, identically, with room for a click per pulse)
         pj = float(self.p_click.max()) if self.p_click.size else 0.0
+        if self.eve is not None:
+            pj = max(pj, float(self.eve.p_any.max()))
         mean_ph = SUB_PULSES * pj
         self._ph_cap = min(SUB_PULSES, int(mean_ph + 20 * math.sqrt(mean_ph) + 64))
         # the other buffers, sized for the worst case of one sub-chunk
@@ -424,6 +485,14 @@ class TagGenerator:
         self._ph_t = None
         self._version = t.version
 
+    def _eve_args(self) -> tuple:
+        e = self.eve
+        if e is None:
+            z1, z2 = np.zeros(1), np.zeros((1, 1))
+            return np.int64(0), self.eve_key, np.uint64(0), z1, z1, z2, z2
+        return (self.eve_mode, self.eve_key, self.eve_thr, e.p_any, e.ir_scale, e.m_cdf,
+                e.w_cum)
+
     def _photon_buffers(self, cap: int):
         if self._ph_t is None or self._ph_t.shape[2] != cap:
             self._ph_t = np.empty((BATCH_SUBCHUNKS, self._ndet, cap), np.int64)
@@ -449,7 +518,8 @@ class TagGenerator:
                            self.pos[1], self.photon_ctr, self.photon_key, ph_t, ph_n,
                            self._end_c, self._end_ctr, self._ovf, *seq.params, self.p_click,
                            self.p_any, self.p_rest, self.p_max, self.log1m_pmax, self.offset,
-                           self.p_int, self.p_frac, self.delay, self.jitter, self.clip)
+                           self.p_int, self.p_frac, self.delay, self.jitter, self.clip,
+                           *self._eve_args())
             if not self._ovf[:nb].any():
                 break
             if cap == SUB_PULSES:

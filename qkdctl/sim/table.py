@@ -33,7 +33,39 @@ from ..config import BenchConfig
 from ..errors import ConfigError
 from ..sequence import BASIS_X, BASIS_Z, AliceSequence
 
-__all__ = ["DetectorState", "OpticalTable"]
+__all__ = ["EVE_INTERCEPT_RESEND", "EVE_NONE", "EVE_PNS", "DetectorState", "EveTables",
+           "OpticalTable"]
+
+EVE_NONE = 0
+EVE_INTERCEPT_RESEND = 1
+EVE_PNS = 2
+_EVE_ATTACKS = {"none": EVE_NONE, "intercept-resend": EVE_INTERCEPT_RESEND, "pns": EVE_PNS}
+#: photon numbers modelled exactly in the photon-number-splitting attack (the
+#: Poisson tail beyond is below 1e-30 for every allowed mean photon number <= 10)
+PNS_MAX_PHOTONS = 64
+
+
+@dataclass
+class EveTables:
+    """What the tag generator needs to simulate the eavesdropper.
+
+    Codes are extended: ``code`` (0 <= code < C = 4 * classes) is a pulse Eve
+    leaves alone; ``C + code`` a pulse she intercepted and resent in the state
+    ``code`` (intensity class kept), detected by her with probability
+    ``ir_scale[class]``; ``2 C + code`` a pulse of Alice's state ``code`` after
+    photon-number splitting. ``p_any[ext]`` is Bob's probability of any click for
+    each extended code. For the splitting attack, ``m_cdf[code]`` is the
+    cumulative law of the number of photons reaching Bob given that he detects
+    at least one, and ``w_cum[code, j]`` the cumulative probability that a
+    photon reaching Bob is detected by detector 0..j.
+    """
+
+    p_any: np.ndarray
+    ir_scale: np.ndarray
+    m_cdf: np.ndarray
+    w_cum: np.ndarray
+    pns_transmittance: float
+    pns_block_single: float
 
 
 @dataclass
@@ -75,6 +107,11 @@ class OpticalTable:
     laser_current_ma: float = 0.0
     laser_on: bool = False
     polarization_rotation_rad: float = 0.0
+    #: eavesdropper: EVE_NONE, EVE_INTERCEPT_RESEND or EVE_PNS, on ``eve_fraction`` of pulses
+    eve_attack: int = 0
+    eve_fraction: float = 0.0
+    eve_pns_transmittance: float | None = None
+    eve_pns_block_single: float | None = None
     version: int = field(default=0)
 
     @classmethod
@@ -113,6 +150,10 @@ class OpticalTable:
             laser_calibrated_current_ma=sim.laser_calibrated_current_ma,
             laser_current_ma=sim.laser_calibrated_current_ma,
             laser_on=True,
+            eve_attack=_EVE_ATTACKS[sim.eavesdropper.attack],
+            eve_fraction=sim.eavesdropper.fraction,
+            eve_pns_transmittance=sim.eavesdropper.pns_channel_transmittance,
+            eve_pns_block_single=sim.eavesdropper.pns_single_photon_block_fraction,
         )
 
     # -- changes made by the mock drivers -------------------------------------------------
@@ -161,6 +202,30 @@ class OpticalTable:
     def transmittance(self) -> float:
         return self.channel_transmittance * self.bob_transmittance
 
+    def photon_detection_probabilities(self) -> np.ndarray:
+        """``w[code, j]``: probability that one photon entering Bob's receiver in Alice's
+        state ``code`` is detected by detector j (Bob's loss, basis splitter,
+        misalignment, efficiency)."""
+        nint = len(self.mean_photon_numbers)
+        e = self.effective_misalignment
+        w = np.zeros((4 * nint, len(self.detectors)))
+        for code in range(4 * nint):
+            x, a = code & 1, (code >> 1) & 1
+            for j, d in enumerate(self.detectors):
+                pz = self.bob_z_probability
+                p_basis = pz if d.basis == BASIS_Z else 1 - pz
+                if d.basis == a:
+                    route = (1 - e) if d.bit == x else e
+                else:
+                    route = 0.5
+                eff = d.efficiency if d.biased else 0.0
+                w[code, j] = self.bob_transmittance * p_basis * route * eff
+        return w
+
+    def mean_photons_at_source(self) -> np.ndarray:
+        """Mean photon number of each intensity class leaving Alice."""
+        return np.array(self.mean_photon_numbers, float) * self.power_scale
+
     def mean_photons_at_detectors(self) -> np.ndarray:
         """``m[code, j]``: mean photon number reaching detector j for Alice's state ``code``."""
         nint = len(self.mean_photon_numbers)
@@ -179,6 +244,72 @@ class OpticalTable:
                 eff = d.efficiency if d.biased else 0.0
                 m[code, j] = mu * p_basis * route * eff
         return m
+
+    def eve_tables(self) -> EveTables:
+        """Bob's click laws under the configured attack (see :class:`EveTables`)."""
+        _, p_any, _ = self.click_probabilities()
+        ncode = p_any.shape[0]
+        mu = self.mean_photons_at_source()
+        ir_scale = -np.expm1(-mu)  # Eve's ideal detector sees at least one photon
+        w = self.photon_detection_probabilities()
+        w_cum = np.cumsum(w, axis=1)
+        W = w_cum[:, -1] if w.shape[1] else np.zeros(ncode)
+        t_e, b = 1.0, 1.0
+        m_cdf = np.zeros((ncode, PNS_MAX_PHOTONS + 1))
+        p_pns = np.zeros(ncode)
+        if self.eve_attack == EVE_PNS:
+            t_e, b = self._pns_parameters(mu, W, p_any)
+            for code in range(ncode):
+                pm = _pns_photons_at_bob(mu[code >> 2], t_e, b)
+                pc = pm * -np.expm1(np.arange(pm.shape[0]) * np.log1p(-min(W[code], 1.0)))
+                p_pns[code] = pc.sum()
+                if p_pns[code] > 0:
+                    m_cdf[code] = np.cumsum(pc) / p_pns[code]
+                    m_cdf[code, -1] = 1.0
+        p_ext = np.concatenate([p_any, ir_scale[np.arange(ncode) >> 2] * p_any, p_pns])
+        return EveTables(p_any=p_ext, ir_scale=ir_scale, m_cdf=m_cdf, w_cum=w_cum,
+                         pns_transmittance=t_e, pns_block_single=b)
+
+    def _pns_parameters(self, mu: np.ndarray, W: np.ndarray,
+                        p_any: np.ndarray) -> tuple[float, float]:
+        """Eve's channel transmittance and single-photon block fraction.
+
+        Unless configured, chosen so that Bob's mean signal gain (class 0, over
+        Alice's four states) is the honest channel's: first her transmittance
+        with every single photon blocked; if even a lossless channel gives too
+        few clicks, she lets that fraction of single photons through.
+        """
+        codes = np.arange(4)
+        target = float(p_any[codes].mean())
+
+        def gain(t_e: float, b: float) -> float:
+            pm = _pns_photons_at_bob(mu[0], t_e, b)
+            m = np.arange(pm.shape[0])
+            return float(np.mean([(pm * -np.expm1(m * np.log1p(-min(W[c], 1.0)))).sum()
+                                  for c in codes]))
+
+        def solve(f, lo=0.0, hi=1.0) -> float:
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if f(mid) < target:
+                    lo = mid
+                else:
+                    hi = mid
+            return 0.5 * (lo + hi)
+
+        t_e, b = self.eve_pns_transmittance, self.eve_pns_block_single
+        if t_e is None and b is None:
+            b = 1.0
+            if gain(1.0, 1.0) >= target:
+                t_e = solve(lambda t: gain(t, 1.0))
+            else:
+                t_e = 1.0
+                b = 1.0 - solve(lambda f: gain(1.0, 1.0 - f))
+        elif t_e is None:
+            t_e = solve(lambda t: gain(t, b)) if gain(1.0, b) >= target else 1.0
+        elif b is None:
+            b = 1.0 - solve(lambda f: gain(t_e, 1.0 - f)) if gain(t_e, 0.0) >= target else 0.0
+        return float(t_e), float(b)
 
     def click_probabilities(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-state click probabilities: of each detector, of any, of any after j.
@@ -203,3 +334,35 @@ class OpticalTable:
                     q *= 1.0 - p[c, i]
                 p_rest[c, j] = 1.0 - q
         return p, p_any, p_rest
+
+
+def _pns_photons_at_bob(mu: float, t_e: float, block_single: float) -> np.ndarray:
+    """Law of the number of photons reaching Bob's receiver under photon-number splitting.
+
+    Alice's pulse has a Poisson photon number n of mean ``mu``. Eve blocks a
+    single photon with probability ``block_single`` and otherwise forwards it;
+    of n >= 2 photons she keeps one and forwards n - 1. Each forwarded photon
+    survives her channel with probability ``t_e``.
+    """
+    nmax = PNS_MAX_PHOTONS
+    n = np.arange(nmax + 1)
+    pn = np.exp(-mu + n * math.log(mu) - np.array([math.lgamma(i + 1) for i in n])) \
+        if mu > 0 else (n == 0).astype(float)
+    fwd = np.zeros(nmax + 1)  # photons forwarded
+    fwd[0] = pn[0] + pn[1] * block_single
+    fwd[1] = pn[1] * (1 - block_single) + pn[2]
+    fwd[2:nmax] = pn[3:]
+    out = np.zeros(nmax + 1)  # binomial thinning by t_e
+    for f in range(nmax + 1):
+        if fwd[f] == 0:
+            continue
+        k = np.arange(f + 1)
+        logc = np.array([math.lgamma(f + 1) - math.lgamma(i + 1) - math.lgamma(f - i + 1)
+                         for i in k])
+        with np.errstate(divide="ignore"):
+            lp = logc + k * np.log(t_e) + (f - k) * np.log1p(-t_e) if 0 < t_e < 1 else None
+        if lp is None:
+            out[f if t_e >= 1 else 0] += fwd[f]
+        else:
+            out[:f + 1] += fwd[f] * np.exp(lp)
+    return out
