@@ -4,7 +4,9 @@ Errors a user can cause are printed on one line (``qkdctl: error: ...``) with
 a non-zero exit status, never a traceback.
 
 Exit status: 0 success; 2 a user error (bad configuration, bad input, an
-instrument problem); 130 a run stopped by Ctrl-C (its summary is printed).
+instrument problem); 3 a tamper alarm (the statistics show an eavesdropper, or
+a classical-channel message failed authentication: no key from the rest of the
+run); 130 a run stopped by Ctrl-C (its summary is printed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import __version__
 from .config import load_bench
 from .errors import QkdctlError
 
+EXIT_TAMPER = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -80,13 +83,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_session(cfg, duration_s=args.duration, seed=args.seed,
                               progress=progress, record=args.record,
                               flush_interval_s=args.flush_interval,
-                              compression=args.compression, overwrite=args.overwrite)
+                              compression=args.compression, overwrite=args.overwrite,
+                              keystore=False if args.no_keystore else args.keystore,
+                              sifted_digest=args.sifted_digest)
     finally:
         progress.close()
     if args.json:
         _print_json(summary)
     else:
         print(format_summary(summary))
+    return _exit_status(summary)
+
+
+def _exit_status(summary: dict[str, Any]) -> int:
+    if summary.get("tamper_alarm"):
+        print(f"qkdctl: TAMPER ALARM: {summary['abort_reason']}", file=sys.stderr)
+        return EXIT_TAMPER
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
@@ -98,7 +110,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     try:
         summary = replay(args.file, config=override, start_s=args.start, stop_s=args.stop,
-                         timestamps_unit=args.timestamps_unit, progress=progress)
+                         timestamps_unit=args.timestamps_unit, progress=progress,
+                         keystore=args.keystore or False, sifted_digest=args.sifted_digest)
     finally:
         progress.close()
     if args.json:
@@ -107,7 +120,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(format_summary(summary))
     else:
         print(format_raw_statistics(summary))
-    return 0
+    return _exit_status(summary) if "qber" in summary else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -208,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
                    default="bitshuffle-lz4", help="recording compression (default %(default)s)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace an existing recording file")
+    r.add_argument("--keystore", metavar="DIR",
+                   help="key store for the secret keys (Alice's and Bob's under DIR/alice and "
+                        "DIR/bob, files mode 0600; default: $QKDCTL_KEYSTORE or "
+                        "~/.local/share/qkdctl/keys)")
+    r.add_argument("--no-keystore", action="store_true",
+                   help="distil and report secret key, but keep no key")
+    r.add_argument("--sifted-digest", action="store_true",
+                   help="add the SHA-256 of the sifted key to the summary (to compare runs "
+                        "and replays; privacy amplification then subtracts its 256 bits)")
     r.set_defaults(func=cmd_run)
 
     unit_help = ("timestamp unit in seconds for a Photon-HDF5 file that does not give one "
@@ -226,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--timestamps-unit", type=_unit, metavar="SECONDS", help=unit_help)
     rp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    rp.add_argument("--keystore", metavar="DIR",
+                    help="keep the secret keys the replay distils in this key store "
+                         "(default: none are kept)")
+    rp.add_argument("--sifted-digest", action="store_true",
+                    help="add the SHA-256 of the sifted key to the summary")
     rp.set_defaults(func=cmd_replay)
 
     cv = sub.add_parser("convert", help="convert a PTU or Photon-HDF5 file to a recording",
@@ -247,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also read the tags once, to count them per channel")
     inf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     inf.set_defaults(func=cmd_info)
+
+    from .keyrate import register as register_keyrate
+
+    register_keyrate(sub)
     return p
 
 
@@ -262,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except QkdctlError as e:
         msg = " ".join(str(e).split("\n"))
+        from .auth import AuthenticationError
+
+        if isinstance(e, AuthenticationError):
+            print(f"qkdctl: TAMPER ALARM: classical channel: {msg}; the session stopped and "
+                  "kept no key from the blocks not yet distilled", file=sys.stderr)
+            return EXIT_TAMPER
         print(f"qkdctl: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -11,20 +11,29 @@ Sifting for decoy-state BB84, block by block:
 3. Both keep the bits of the kept pulses: the sifted key (Z basis) and the
    test bits (X basis).
 
-The roles talk only through a :class:`Channel`. :class:`LocalChannel` keeps
-both ends in one process; every message carries a sequence number and the
-receiver refuses a message out of order. Authentication of the channel is a
-separate layer on top of this one.
+The roles talk only through a :class:`Channel`: in a session, an
+:class:`~qkdctl.auth.AuthenticatedEndpoint` (:func:`open_channels`), which
+encodes each message (:mod:`qkdctl.wire`), numbers and authenticates it, and
+refuses a tampered, replayed, reordered or truncated one.
+:class:`LocalChannel` keeps both ends in one process without authentication
+(for tests of the roles alone); it too refuses messages out of order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import secrets
+import stat
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .errors import QkdctlError
+from . import wire
+from .errors import ConfigError, QkdctlError
 from .sequence import AliceSequence, decode
 from .sifting import Detections, Sifter, SiftParams
 
@@ -36,6 +45,8 @@ __all__ = [
     "DetectionAnnouncement",
     "LocalChannel",
     "SiftingReply",
+    "load_psk",
+    "open_channels",
 ]
 
 
@@ -43,6 +54,7 @@ class ChannelError(QkdctlError):
     """A classical-channel message is missing, out of order, or malformed."""
 
 
+@wire.message("sift.DetectionAnnouncement")
 @dataclass(frozen=True)
 class DetectionAnnouncement:
     """Bob -> Alice: the pulses Bob detected in one block and his bases."""
@@ -53,6 +65,7 @@ class DetectionAnnouncement:
     bases: np.ndarray    # uint8, 0 = Z, 1 = X
 
 
+@wire.message("sift.SiftingReply")
 @dataclass(frozen=True)
 class SiftingReply:
     """Alice -> Bob: which announced pulses to keep, and their intensity classes."""
@@ -179,3 +192,69 @@ class AliceRole:
         self._seq += 1
         self.last_codes = codes
         return codes
+
+
+# ------------------------------------------------------------------ authenticated channels
+PSK_MIN_BYTES = 32
+
+
+def load_psk(cfg, *, allow_fresh: bool) -> bytes:
+    """The pre-shared authentication key of the bench (``postprocess.psk_file``).
+
+    The file must hold at least 32 bytes and be readable by its owner only. With
+    no file named, a fresh random key is made for the session when
+    ``allow_fresh`` (both roles in this process: the simulated bench, a replay);
+    otherwise that is a configuration error.
+    """
+    name = cfg.postprocess.psk_file
+    key = f"{cfg.path}: postprocess.psk_file"
+    if not name:
+        if allow_fresh:
+            return secrets.token_bytes(PSK_MIN_BYTES)
+        raise ConfigError(f"{key}: missing; a real bench authenticates its classical channel "
+                          "with a pre-shared key: name a file of at least 32 random bytes")
+    path = Path(name).expanduser()
+    if not path.is_absolute() and cfg.path and cfg.path != "<string>":
+        path = Path(cfg.path).parent / path
+    try:
+        st = os.stat(path)
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path}: cannot read: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{key}: {path} is accessible to group or others "
+                          f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
+    if len(data) < PSK_MIN_BYTES:
+        raise ConfigError(f"{key}: {path} holds {len(data)} bytes; a pre-shared key needs "
+                          f"at least {PSK_MIN_BYTES}")
+    return data
+
+
+def open_channels(cfg, labels=("sifting", "distillation"), *, psk: bytes,
+                  keystores=None) -> dict[str, tuple[Channel, Channel]]:
+    """Authenticated (Alice end, Bob end) pairs, one per label, in this process.
+
+    ``postprocess.auth`` chooses HMAC-SHA256 under the pre-shared key, or
+    Wegman-Carter: a polynomial hash keyed from the pre-shared key, its tags
+    encrypted with one-time pads taken from each side's key store
+    (``keystores = (alice's, bob's)``). Each channel has a fresh session id,
+    so that a frame of one channel or session is refused on another.
+    """
+    from .auth import AuthenticatedEndpoint, HmacSha256, LocalTransport, WegmanCarter
+
+    method = cfg.postprocess.auth
+    if method == "wegman-carter" and keystores is None:
+        raise ConfigError(f"{cfg.path}: postprocess.auth: 'wegman-carter' takes its tag pads "
+                          "from the key store; this run has none")
+    out = {}
+    for label in labels:
+        sid = label.encode() + b":" + secrets.token_bytes(16)
+        if method == "hmac-sha256":
+            auths = (HmacSha256(psk), HmacSha256(psk))
+        else:
+            hk = hmac.new(psk, b"qkdctl wegman-carter hash key", hashlib.sha256).digest()[:16]
+            auths = (WegmanCarter(hk, keystores[0]), WegmanCarter(hk, keystores[1]))
+        ta, tb = LocalTransport.pair()
+        out[label] = (AuthenticatedEndpoint(ta, auths[0], "alice", sid),
+                      AuthenticatedEndpoint(tb, auths[1], "bob", sid))
+    return out

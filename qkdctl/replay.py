@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 from .config import BenchConfig
 from .errors import DataError
 from .recording import COMPRESSIONS, Recorder, Recording
-from .session import SiftingPipeline
+from .session import SiftingPipeline, open_keystores
 from .tags import TagSource, raw_statistics
 
 __all__ = ["convert", "describe_file", "open_any", "replay"]
@@ -76,8 +77,17 @@ def _range_ps(src: TagSource, start_s: float | None, stop_s: float | None
 def replay(path: str, *, config: BenchConfig | None = None, start_s: float | None = None,
            stop_s: float | None = None, timestamps_unit: float | None = None,
            block_tags: int = 1 << 20,
-           progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Replay a tag file; returns a run summary (recordings) or raw statistics (others)."""
+           progress: Callable[[dict[str, Any]], None] | None = None,
+           keystore: str | bool | None = False, sifted_digest: bool = False) -> dict[str, Any]:
+    """Replay a tag file; returns a run summary (recordings) or raw statistics (others).
+
+    A recording goes through sifting and secret-key distillation as in the live
+    run. The random choices of distillation (samples, Cascade's permutations,
+    hash functions, seeds) are drawn afresh, so the secret key differs from the
+    live run's; its length differs by the few bits Cascade's leakage varies.
+    ``keystore`` keeps the replay's secret keys there (default: none kept: a
+    recording holds everything needed to rebuild them).
+    """
     t_wall = time.perf_counter()
     with open_any(path, timestamps_unit) as src:
         start_ps, stop_ps = _range_ps(src, start_s, stop_s)
@@ -90,7 +100,11 @@ def replay(path: str, *, config: BenchConfig | None = None, start_s: float | Non
                     "has_alice_sequence": False, **stats,
                     "header": src.describe(), "wall_s": time.perf_counter() - t_wall}
         cfg = src.bench(config)
-        with SiftingPipeline(cfg, src.seed, src.sequence) as pipe:
+        stores = open_keystores(keystore) if cfg.postprocess.enabled else None
+        # both roles are in this process: a fresh authentication key for the replay
+        with SiftingPipeline(cfg, src.seed, src.sequence, keystores=stores,
+                             sifted_digest=sifted_digest,
+                             psk=secrets.token_bytes(32)) as pipe:
             return _replay_recording(path, src, cfg, pipe, start_ps, stop_ps, block_tags,
                                      progress, t_wall, start_s, stop_s)
 

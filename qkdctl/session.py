@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -31,7 +32,8 @@ import numpy as np
 from .config import BenchConfig
 from .drivers import DRIVERS, Instrument, build_mock_bench, driver_class
 from .errors import ConfigError, QkdctlError
-from .protocol import AliceRole, BobRole, LocalChannel
+from .postprocess.stream import KeyDistillation
+from .protocol import AliceRole, BobRole, load_psk, open_channels
 from .recording import Recorder
 from .sequence import AliceSequence
 from .sifting import SiftParams
@@ -107,16 +109,36 @@ class SiftingPipeline:
     """
 
     WINDOW = 2
+    #: bits a digest of the sifted key discloses (subtracted by privacy amplification)
+    DIGEST_BITS = 256
 
-    def __init__(self, cfg: BenchConfig, seed: int, sequence: AliceSequence):
+    def __init__(self, cfg: BenchConfig, seed: int, sequence: AliceSequence, *,
+                 distill: bool | None = None, keystores=None, sifted_digest: bool = False,
+                 psk: bytes | None = None, allow_fresh_psk: bool = True):
+        """``distill``: also distil secret key (default: ``postprocess.enabled``);
+        ``keystores``: (Alice's, Bob's) key stores for the secret keys, or None to
+        keep none; ``sifted_digest``: hash the sifted key for the summary. On a
+        simulated bench (every driver a mock) distillation draws its random
+        choices from ``seed``, so that the run is reproducible to the last bit."""
         self.cfg = cfg
         self.seed = seed
         self.sequence = sequence
         params = SiftParams.from_config(cfg, seed)
-        channel = LocalChannel()
-        self.alice = AliceRole(sequence, channel.alice)
-        self.bob = BobRole(params, channel.bob, window=self.WINDOW)
-        self.tally = RunTally(params.n_intensities)
+        distill = cfg.postprocess.enabled if distill is None else distill
+        if psk is None:
+            psk = load_psk(cfg, allow_fresh=allow_fresh_psk)
+        chans = open_channels(cfg, ("sifting", "distillation") if distill else ("sifting",),
+                              psk=psk, keystores=keystores)
+        alice_end, bob_end = chans["sifting"]
+        self.alice = AliceRole(sequence, alice_end)
+        self.bob = BobRole(params, bob_end, window=self.WINDOW)
+        self.tally = RunTally(params.n_intensities,
+                              key_hash=hashlib.sha256() if sifted_digest else None)
+        self.distill = KeyDistillation(
+            cfg, *chans["distillation"], keystores=keystores,
+            extra_leak_bits=self.DIGEST_BITS if sifted_digest else 0,
+            rng_seed=seed if all(i.driver == "mock" for i in cfg.instruments.values())
+            else None) if distill else None
         self.sifted_bits = 0
         # Alice's side of each block runs in a worker thread while Bob sifts the next
         # (the kernels release the GIL); one worker keeps the blocks in order
@@ -127,6 +149,13 @@ class SiftingPipeline:
         codes = self.alice.reply()
         det, keep, _ = self.bob.accept()
         self.sifted_bits += self.tally.add(det, codes, keep)
+        if self.distill is not None:
+            self.distill.add(det, codes, keep)
+
+    @property
+    def alarm(self) -> str | None:
+        """The tamper alarm raised by distillation, if any."""
+        return self.distill.alarm if self.distill is not None else None
 
     def _wait(self, keep: int) -> None:
         while len(self._inflight) > keep:
@@ -143,9 +172,11 @@ class SiftingPipeline:
         self._inflight.append(self._worker.submit(self._alice_and_tally))
 
     def finish(self) -> None:
-        """Release what is held and wait until every block is sifted."""
+        """Release what is held, wait until every block is sifted, distil the rest."""
         self.feed(None, None, final=True)
         self.drain()
+        if self.distill is not None:
+            self.distill.finish()
 
     def drain(self) -> None:
         """Wait until every announced block is sifted."""
@@ -153,6 +184,8 @@ class SiftingPipeline:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        if self.distill is not None:
+            self.distill.close()
 
     def __enter__(self):
         return self
@@ -173,10 +206,17 @@ class SiftingPipeline:
     def summary(self, *, pulses_sent: int, duration_s: float, wall_s: float,
                 interrupted: bool, source: str) -> dict[str, Any]:
         self.drain()
-        return build_summary(self.cfg, self.bob.sifter, self.tally, seed=self.seed,
-                             sequence=self.sequence, pulses_sent=pulses_sent,
-                             duration_s=duration_s, wall_s=wall_s, interrupted=interrupted,
-                             sifted_bits=self.sifted_bits, source=source)
+        s = build_summary(self.cfg, self.bob.sifter, self.tally, seed=self.seed,
+                          sequence=self.sequence, pulses_sent=pulses_sent,
+                          duration_s=duration_s, wall_s=wall_s, interrupted=interrupted,
+                          sifted_bits=self.sifted_bits, source=source)
+        if self.distill is not None:
+            self.distill.wait()
+            s["distillation"] = d = self.distill.summary(duration_s)
+            for k in ("secret_bits", "secret_key_rate_bps", "ec_efficiency", "ec_leaked_bits",
+                      "phase_error_bound", "tamper_alarm", "aborted", "abort_reason"):
+                s[k] = d[k]
+        return s
 
 
 def _instrument_record(bench: dict[str, Instrument]) -> dict[str, Any]:
@@ -201,7 +241,9 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
                 bench: dict[str, Instrument] | None = None,
                 stop: Callable[[], bool] | None = None,
                 record: str | None = None, flush_interval_s: float = 1.0,
-                compression: str = "bitshuffle-lz4", overwrite: bool = False) -> dict[str, Any]:
+                compression: str = "bitshuffle-lz4", overwrite: bool = False,
+                keystore: str | os.PathLike | bool | None = None,
+                sifted_digest: bool = False) -> dict[str, Any]:
     """Run a BB84 session on the bench for ``duration_s`` seconds of bench time.
 
     Returns the summary dict of :func:`qkdctl.summary.build_summary`.
@@ -212,6 +254,14 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
     to write (:mod:`qkdctl.recording`): every tag, flushed every
     ``flush_interval_s`` of wall time, and the run's configuration, seed,
     Alice's sequence, instruments and summary.
+
+    Secret keys go to the key store ``keystore`` (a directory holding Alice's
+    and Bob's stores, ``alice/`` and ``bob/``; None: the per-user default of
+    :func:`qkdctl.keystore.default_keystore_dir`; False: keys are not kept).
+    ``sifted_digest`` adds the SHA-256 of the sifted key to the summary (and
+    subtracts its 256 bits in privacy amplification). A tamper alarm stops the
+    run after the block that raised it; the summary says so
+    (``tamper_alarm``, ``abort_reason``).
     """
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise ConfigError(f"duration {duration_s!r} s: give a positive number of seconds")
@@ -231,8 +281,11 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
         pulses = getattr(tagger, "pulses_simulated", None)
         return (round(el * cfg.source.rep_rate_hz) if pulses is None else pulses), el
 
+    simulated = all(i.driver == "mock" for i in cfg.instruments.values())
+    stores = open_keystores(keystore) if cfg.postprocess.enabled else None
     with _StopRequest() as ctrl_c, contextlib.ExitStack() as outer, \
-            SiftingPipeline(cfg, seed, sequence) as pipe:
+            SiftingPipeline(cfg, seed, sequence, keystores=stores, sifted_digest=sifted_digest,
+                            allow_fresh_psk=simulated) as pipe:
         with contextlib.ExitStack() as stack:
             for role in ARM_ORDER:
                 stack.enter_context(bench[role])
@@ -260,6 +313,9 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
                 pipe.feed(ts, ch)
                 if progress is not None:
                     progress(pipe.snapshot(elapsed, duration_s))
+                if pipe.alarm is not None:
+                    log.error("session stopped by a tamper alarm: %s", pipe.alarm)
+                    break
                 if i + 1 < n_blocks and (ctrl_c.requested or (stop is not None and stop())):
                     interrupted = True
                     break
@@ -271,15 +327,32 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
             pipe.finish()
         wall = time.perf_counter() - t_wall
         summary = pipe.summary(pulses_sent=pulses, duration_s=elapsed, wall_s=wall,
-                               interrupted=interrupted, source="simulated bench"
-                               if all(i.driver == "mock" for i in cfg.instruments.values())
-                               else "bench")
+                               interrupted=interrupted,
+                               source="simulated bench" if simulated else "bench")
+        if stores is not None:
+            summary["keystore"] = str(stores[0].path.parent)
         if rec is not None:
             summary["recording"] = rec.path
             rec.close(summary)
     log.info("session done: %d sifted bits in %.3g s of bench time", pipe.sifted_bits,
              elapsed)
     return summary
+
+
+def open_keystores(keystore: str | os.PathLike | bool | None):
+    """(Alice's, Bob's) key stores under ``keystore`` (None: the default; False: none)."""
+    if keystore is False:
+        return None
+    from pathlib import Path
+
+    from .keystore import KeyStore, default_keystore_dir
+
+    top = Path(default_keystore_dir() if keystore in (None, True) else keystore)
+    try:
+        top.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"key store {top}: cannot create: {e.strerror}") from None
+    return KeyStore(top / "alice"), KeyStore(top / "bob")
 
 
 def _ratio(a, b) -> float | None:

@@ -19,9 +19,8 @@ Statistics and their uncertainties:
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,11 +36,13 @@ BASIS_NAMES = ("Z", "X")
 
 @dataclass
 class RunTally:
-    """Running per-intensity statistics and the sifted key's hash."""
+    """Running per-intensity statistics and, optionally, the sifted key's hash."""
 
     n_intensities: int
     stats: SiftStats = None
-    key_hash: Any = field(default_factory=hashlib.sha256)
+    #: hash of Bob's sifted key, when a digest was asked for (it discloses 256 bits,
+    #: which privacy amplification then subtracts)
+    key_hash: Any = None
 
     def __post_init__(self):
         if self.stats is None:
@@ -53,8 +54,9 @@ class RunTally:
         stats_kernel(det.basis, det.bit, alice_codes, s.detected, s.sifted, s.errors)
         key = np.empty(det.bit.shape[0] + 1, np.uint8)
         n = key_bits_kernel(det.basis, det.bit, keep.view(np.uint8), 0, key)
-        # one byte per bit, so that the hash does not depend on block boundaries
-        self.key_hash.update(key[:n].tobytes())
+        if self.key_hash is not None:
+            # one byte per bit, so that the hash does not depend on block boundaries
+            self.key_hash.update(key[:n].tobytes())
         return n
 
 
@@ -147,8 +149,8 @@ def build_summary(cfg: BenchConfig, sifter: Sifter, tally: RunTally, *, seed: in
         "counts_by_intensity": by_int,
         "detection_rate_hz": c["detected_pulses"] / dur,
         "sifted_key_rate_bps": sifted_bits / dur,
-        "sifted_key_sha256": tally.key_hash.hexdigest(),
-    }
+    } | ({"sifted_key_sha256": tally.key_hash.hexdigest()} if tally.key_hash is not None
+         else {})
 
 
 def _pct(x: float | None, std: float | None = None) -> str:
@@ -207,7 +209,46 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"    {name:<8} {d['mean_photon_number']:<9.4g} {d['detections']:>12,}  "
                      f"{gain:>10}  {d['sifted']['Z']:>11,}  {_pct(d['qber']['Z']):>9}  "
                      f"{d['sifted']['X']:>11,}  {_pct(d['qber']['X']):>9}")
+    if "distillation" in s:
+        lines.extend(_format_distillation(s))
+    if s.get("sifted_key_sha256"):
+        lines.append(f"  sifted key SHA-256 {s['sifted_key_sha256']}")
     return "\n".join(lines)
+
+
+def _format_distillation(s: dict[str, Any]) -> list[str]:
+    d = s["distillation"]
+    lines = []
+    if d["tamper_alarm"]:
+        lines.append(f"  TAMPER ALARM      {d['abort_reason']}")
+    f = f"{d['ec_efficiency']:.3f}" if d["ec_efficiency"] is not None else "n/a"
+    lines.append(f"  secret key        {d['secret_bits']:,} bits   "
+                 f"({_si(d['secret_key_rate_bps'], 'bit/s')}), {d['blocks_with_key']} of "
+                 f"{d['blocks_distilled']} blocks ({d['protocol']}, eps_sec {d['eps_sec']:g}, "
+                 f"eps_cor {d['eps_cor']:g})")
+    lines.append(f"  error correction  {d['ec_leaked_bits']:,} bits disclosed, efficiency "
+                 f"f = {f}; verification failed in {d['blocks_failed_verification']} blocks")
+    if d["undistilled_bits"]:
+        lines.append(f"  not distilled     {d['undistilled_bits']:,} sifted bits")
+    lines.append("  blocks            sifted      QBER est.   QBER       f       "
+                 "s1 (lower)   phase err.   secret")
+    for b in d["blocks"]:
+        fk = b.get("finite_key") or {}
+        qe = b["qber_sample"]
+        q = b["ec_errors"] / b["key_bits"] if b["key_bits"] else None
+        eff = f"{b['ec_efficiency']:.3f}" if b["ec_efficiency"] is not None else "n/a"
+        s1 = fk.get("s1_lower")
+        ph = fk.get("phase_error_bound")
+        lines.append(f"    {b['block']:<5} {b['sifted_bits']:>12,}  {_pct(qe):>10}  "
+                     f"{_pct(q) if b['key_bits'] else 'n/a':>9}  {eff:>6}  "
+                     f"{(f'{s1:.4g}' if s1 is not None else 'n/a'):>11}  "
+                     f"{_pct(ph):>10}  {b['secret_bits']:>10,}"
+                     + (f"   ({b['abort_reason']})" if not b["secret_bits"] and
+                        b["abort_reason"] else ""))
+    if d["key_ids"]:
+        lines.append(f"  key store         {s.get('keystore')}: {len(d['key_ids'])} new keys, "
+                     f"{d['key_ids'][0]} ...")
+    return lines
 
 
 def format_raw_statistics(s: dict[str, Any]) -> str:

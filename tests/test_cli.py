@@ -86,7 +86,13 @@ def no_traceback(*texts):
 
 
 def without_wall(s):
-    return {k: v for k, v in s.items() if k != "wall_s"}
+    """The summary without what depends on the wall clock: timings, new key IDs."""
+    if isinstance(s, dict):
+        return {k: without_wall(v) for k, v in s.items()
+                if k not in ("wall_s", "seconds", "key_ids")}
+    if isinstance(s, list):
+        return [without_wall(v) for v in s]
+    return s
 
 
 # ------------------------------------------------------------------------------ runs

@@ -52,7 +52,7 @@ def test_shipped_sim_bench_loads():
     assert cfg.name == "sim-1GHz-50km" and cfg.protocol == "bb84-decoy"
     assert cfg.source.rep_rate_hz == 1e9 and cfg.period_ps == 1000.0
     assert cfg.source.mean_photon_numbers == (0.5, 0.1, 2e-4)
-    assert cfg.source.intensity_probabilities == (0.7, 0.2, 0.1)
+    assert cfg.source.intensity_probabilities == (0.5, 0.3, 0.2)
     assert cfg.source.sync_period_pulses == 1000
     assert [(d.channel, d.basis, d.bit) for d in cfg.receiver.detectors] == [
         (1, "Z", 0), (2, "Z", 1), (3, "X", 0), (4, "X", 1)]
@@ -75,7 +75,7 @@ def test_config_error_is_a_qkdctl_error():
 
 # --------------------------------------------------------------------------- bad inputs
 MPN = "mean_photon_numbers = [0.5, 0.1, 2.0e-4]"
-PROBS = "intensity_probabilities = [0.7, 0.2, 0.1]"
+PROBS = "intensity_probabilities = [0.5, 0.3, 0.2]"
 NAMES = 'intensity_names = ["signal", "decoy", "vacuum"]'
 SIM_DET0 = "channel = 1\nefficiency = 0.6"      # unique: [[sim.detectors]] #0
 SIM_DET2 = "channel = 3\nefficiency = 0.6"      # unique: [[sim.detectors]] #2

@@ -45,11 +45,17 @@ def cfg():
 @pytest.fixture(scope="module")
 def summary(cfg):
     """One 0.2 s run of the built-in bench (2e8 pulses, about 2e6 detections)."""
-    return run_session(cfg, duration_s=0.2, seed=SEED)
+    return run_session(cfg, sifted_digest=True, duration_s=0.2, seed=SEED)
 
 
 def without_wall(s):
-    return {k: v for k, v in s.items() if k != "wall_s"}
+    """The summary without what depends on the wall clock: timings, new key IDs."""
+    if isinstance(s, dict):
+        return {k: without_wall(v) for k, v in s.items()
+                if k not in ("wall_s", "seconds", "key_ids")}
+    if isinstance(s, list):
+        return [without_wall(v) for v in s]
+    return s
 
 
 # ----------------------------------------------------------------- independent physics
@@ -174,8 +180,9 @@ def check_consistent(s, cfg, duration_s):
     assert s["period_ps"] == pytest.approx(cfg.period_ps * (1 + cfg.sim.clock_drift_ppm * 1e-6),
                                            abs=1e-6 * cfg.period_ps)
     assert abs(s["clock_drift_ppm"] - cfg.sim.clock_drift_ppm) < 1.0
-    assert len(s["sifted_key_sha256"]) == 64
-    int(s["sifted_key_sha256"], 16)
+    if "sifted_key_sha256" in s:  # only when asked for: it discloses 256 bits
+        assert len(s["sifted_key_sha256"]) == 64
+        int(s["sifted_key_sha256"], 16)
 
 
 def test_summary_numbers_are_consistent(summary, cfg):
@@ -255,17 +262,17 @@ def test_gains_match_poisson_model_with_dead_time(summary, cfg):
 
 
 def test_same_seed_same_summary(cfg):
-    a = run_session(cfg, duration_s=0.03, seed=11)
-    b = run_session(cfg, duration_s=0.03, seed=11)
+    a = run_session(cfg, sifted_digest=True, duration_s=0.03, seed=11)
+    b = run_session(cfg, sifted_digest=True, duration_s=0.03, seed=11)
     assert without_wall(a) == without_wall(b)
-    c = run_session(cfg, duration_s=0.03, seed=12)
+    c = run_session(cfg, sifted_digest=True, duration_s=0.03, seed=12)
     assert c["sifted_key_sha256"] != a["sifted_key_sha256"]
     assert c["detected_pulses"] != a["detected_pulses"]
     check_consistent(c, cfg, 0.03)
 
 
 def test_result_does_not_depend_on_block_size(cfg):
-    runs = {bs: run_session(cfg, duration_s=0.05, seed=5, block_s=bs)
+    runs = {bs: run_session(cfg, sifted_digest=True, duration_s=0.05, seed=5, block_s=bs)
             for bs in (0.01, 0.003, 0.05)}
     ref = without_wall(runs[0.01])
     for bs, s in runs.items():
@@ -274,23 +281,23 @@ def test_result_does_not_depend_on_block_size(cfg):
 
 
 def test_no_seed_draws_one_and_reports_it(cfg):
-    s = run_session(cfg, duration_s=0.02)
+    s = run_session(cfg, sifted_digest=True, duration_s=0.02)
     assert isinstance(s["seed"], int)
-    again = run_session(cfg, duration_s=0.02, seed=s["seed"])
+    again = run_session(cfg, sifted_digest=True, duration_s=0.02, seed=s["seed"])
     assert without_wall(again) == without_wall(s)
 
 
 def test_nonpositive_duration_is_a_user_error(cfg):
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(QkdctlError, match="positive number of seconds"):
-            run_session(cfg, duration_s=bad, seed=1)
+            run_session(cfg, sifted_digest=True, duration_s=bad, seed=1)
 
 
 def test_infinite_duration_is_a_user_error(cfg, mocker):
     bench = build_bench(cfg, 1)
     output_on = mocker.spy(bench["laser"], "output_on")
     with pytest.raises(QkdctlError, match="positive number of seconds"):
-        run_session(cfg, duration_s=float("inf"), seed=1, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=float("inf"), seed=1, bench=bench)
     output_on.assert_not_called()
 
 
@@ -299,7 +306,7 @@ def test_bad_block_size_is_refused_before_arming(cfg, mocker, block_s):
     bench = build_bench(cfg, 1)
     output_on = mocker.spy(bench["laser"], "output_on")
     with pytest.raises((QkdctlError, ValueError), match="block"):
-        run_session(cfg, duration_s=0.02, seed=1, block_s=block_s, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=0.02, seed=1, block_s=block_s, bench=bench)
     output_on.assert_not_called()
 
 
@@ -317,7 +324,7 @@ def test_progress_reports_every_block(cfg):
 def test_discard_mode_accounts_for_discarded_pulses(cfg):
     """multi_click = "discard": cross-basis double clicks are dropped, and counted."""
     c = cfg.with_analysis(multi_click="discard")
-    s = run_session(c, duration_s=0.03, seed=4)
+    s = run_session(c, sifted_digest=True, duration_s=0.03, seed=4)
     mc = s["multi_clicks"]
     assert mc["discarded"] == mc["cross_basis"] > 0
     total = sum(d["detections"] for d in s["counts_by_intensity"].values())
@@ -334,12 +341,12 @@ def test_stop_callback_ends_run_early(cfg):
         polls.append(1)
         return len(polls) >= 3
 
-    s = run_session(cfg, duration_s=0.2, seed=8, block_s=0.01, stop=stop)
+    s = run_session(cfg, sifted_digest=True, duration_s=0.2, seed=8, block_s=0.01, stop=stop)
     assert s["interrupted"] is True
     assert s["duration_s"] == pytest.approx(0.03) and s["duration_s"] < 0.2
     check_consistent(s, cfg, 0.03)
     # what ran is exactly a 0.03 s run: the summary of what was acquired is not truncated
-    full = run_session(cfg, duration_s=0.03, seed=8)
+    full = run_session(cfg, sifted_digest=True, duration_s=0.03, seed=8)
     assert full["interrupted"] is False
     assert {**without_wall(s), "interrupted": False} == without_wall(full)
 
@@ -415,7 +422,7 @@ def failing_after(mocker, inst, method, n_ok, exc):
 
 def test_safe_state_after_normal_run(cfg, spied_bench):
     bench, order = spied_bench
-    run_session(cfg, duration_s=0.02, seed=SEED, bench=bench)
+    run_session(cfg, sifted_digest=True, duration_s=0.02, seed=SEED, bench=bench)
     assert_safe(bench, order)
 
 
@@ -431,7 +438,7 @@ def test_safe_state_when_read_block_fails_halfway(cfg, spied_bench, mocker):
                     and bench["tagger"]._get_running() and bench["modulator"]._get_running())
 
     with pytest.raises(InstrumentError) as ei:
-        run_session(cfg, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench,
+        run_session(cfg, sifted_digest=True, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench,
                     progress=progress)
     assert ei.value is err
     assert len(calls) == 6 and live == [True] * 5
@@ -445,7 +452,7 @@ def test_safe_state_when_laser_output_on_fails(cfg, spied_bench, mocker):
     bias_on = mocker.spy(bench["detectors"], "bias_on")
     start = mocker.spy(bench["tagger"], "start")
     with pytest.raises(InstrumentError, match="interlock open"):
-        run_session(cfg, duration_s=0.05, seed=SEED, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=0.05, seed=SEED, bench=bench)
     bias_on.assert_called_once()      # the detectors had been biased before the failure
     start.assert_not_called()
     assert_safe(bench, order)
@@ -456,7 +463,7 @@ def test_safe_state_on_keyboard_interrupt_from_read_block(cfg, spied_bench, mock
     bench, order = spied_bench
     failing_after(mocker, bench["tagger"], "read_block", 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        run_session(cfg, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench)
     assert_safe(bench, order)
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -471,7 +478,7 @@ def test_safe_state_on_second_sigint(cfg, spied_bench):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        run_session(cfg, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench,
+        run_session(cfg, sifted_digest=True, duration_s=0.1, seed=SEED, block_s=0.01, bench=bench,
                     progress=progress)
     assert_safe(bench, order)
 
@@ -488,7 +495,7 @@ def test_failing_safe_state_does_not_skip_the_others(cfg, spied_bench, mocker):
 
     mocker.patch.object(bench["modulator"], "_set_running", side_effect=set_running)
     with pytest.raises(InstrumentError) as ei:
-        run_session(cfg, duration_s=0.02, seed=SEED, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=0.02, seed=SEED, bench=bench)
     assert ei.value is err
     t = bench["laser"].table
     assert t.laser_on is False and not any(d.biased for d in t.detectors)
@@ -501,7 +508,7 @@ def test_failure_while_connecting_makes_the_connected_ones_safe(cfg, spied_bench
     mocker.patch.object(bench["tagger"], "connect",
                         side_effect=InstrumentError("tagger: connect: no device"))
     with pytest.raises(InstrumentError, match="no device"):
-        run_session(cfg, duration_s=0.02, seed=SEED, bench=bench)
+        run_session(cfg, sifted_digest=True, duration_s=0.02, seed=SEED, bench=bench)
     assert [c[0] for c in order.mock_calls] == ["modulator", "laser", "detectors"]
     bench["tagger"].safe_state.assert_not_called()
     t = bench["laser"].table

@@ -233,7 +233,11 @@ def test_dead_time_count_rate(dead_ns, slots):
     Counts form a renewal process with cycle m + Geometric(p): mean m + 1/p,
     variance (1 - p)/p^2, so Var N = n (1-p)/p^2 / (m + 1/p)^3 over n pulses.
     """
-    cfg = bench(dead_time_ns=dead_ns, afterpulse_probability=0.0, dark_count_rate_hz=0.0)
+    def busy(raw):  # most of the light on detector 0, so that dead time matters
+        raw["source"]["intensity_probabilities"] = [0.7, 0.2, 0.1]
+        raw["receiver"]["z_basis_probability"] = 0.9
+
+    cfg = bench(busy, dead_time_ns=dead_ns, afterpulse_probability=0.0, dark_count_rate_hz=0.0)
     n_pulses = 400_000_000
     t, ch = simulate(cfg, n_pulses)
     j = 0

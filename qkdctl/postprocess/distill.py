@@ -1,0 +1,572 @@
+"""From sifted key to secret key, block by block, between Alice and Bob.
+
+Each block of sifted key goes through, in order (every step a message
+exchange over the authenticated classical channel):
+
+1. **Parameter estimation.** Bob discloses his test-basis (X) bits of the
+   block; Alice counts the errors per intensity class. Alice picks a random
+   sample of the key-basis (Z) bits and discloses her bits there; Bob counts
+   the errors. The sample is removed from the key. A QBER estimate above
+   ``qber_abort`` in either basis is a **tamper alarm**: the block yields no
+   key and the session stops.
+2. **Error correction.** Cascade (:mod:`.cascade`), Bob correcting towards
+   Alice, with block sizes from the sampled QBER. Every parity Alice discloses
+   counts as leaked. Bob then announces the number of errors he corrected per
+   intensity class (public in any case: Cascade reveals where they are).
+3. **Verification.** Alice draws a universal hash function (:mod:`.verify`)
+   with collision probability at most ``eps_cor`` and sends it with the hash
+   of her key; Bob compares with his. On a mismatch the block is discarded.
+4. **Finite-key length.** Both compute, from the same public counts, the
+   secret key length of the bench's protocol (:mod:`.finite_key`): the
+   two-decoy bound of Lim et al. 2014 or the one-decoy bound of Rusca et al.
+   2018. A block whose single-photon bound collapses or whose phase-error
+   bound exceeds the tolerance yields no key; when the point estimates from the
+   observed gains say the same (so that it is not a matter of too few counts),
+   that is a tamper alarm too (a photon-number-splitting attack leaves the
+   QBER low but starves the decoy states).
+5. **Privacy amplification.** Alice draws a Toeplitz seed from her random
+   source and sends it; both hash their corrected keys to the secret length
+   (:mod:`.privacy`). Each side stores the result in its key store.
+
+What leaks, and is subtracted from the key: Cascade's parities
+(``ec_leaked_bits``), the verification tag beyond the ``log2(2/eps_cor)`` the
+bound already subtracts, and, if asked for, the 256-bit digest of the sifted
+key shown in the summary. The sample and the test bits are disclosed but not
+part of the key.
+
+The roles keep to their own data: :class:`AliceDistiller` sees Alice's bits,
+:class:`BobDistiller` Bob's; they share only the messages. :func:`distill_block`
+runs the exchange for one block with both roles in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import wire
+from ..errors import QkdctlError
+from . import cascade, finite_key, privacy, verify
+
+__all__ = [
+    "AliceDistiller",
+    "BlockResult",
+    "BobDistiller",
+    "DistillParams",
+    "KeyBlock",
+    "SeededRandom",
+    "TamperAlarm",
+    "distill_block",
+    "point_estimates",
+]
+
+log = logging.getLogger(__name__)
+
+
+class SeededRandom:
+    """Reproducible random bytes for the simulated bench: SHAKE-256 in counter mode,
+    keyed by the run's seed and a label (one stream per role).
+
+    On the simulated bench Alice's choices themselves come from the seed, so
+    drawing the distillation's random choices from it as well gives nothing
+    away, and makes a run and its replay identical to the last bit of secret
+    key. A real bench uses the operating system's random source instead.
+    """
+
+    def __init__(self, seed: int, label: str):
+        self._key = hashlib.sha256(f"qkdctl distillation {seed} {label}".encode()).digest()
+        self._n = 0
+
+    def __call__(self, n: int) -> bytes:
+        out = hashlib.shake_256(self._key + self._n.to_bytes(8, "little")).digest(n)
+        self._n += 1
+        return out
+
+    def __repr__(self) -> str:
+        return "SeededRandom(...)"
+
+
+class TamperAlarm(QkdctlError):
+    """The statistics of a block show an eavesdropper (or a badly broken channel)."""
+
+    exit_code = 3
+
+
+class ProtocolError(QkdctlError):
+    """The other side sent a message that does not fit the distillation protocol."""
+
+    exit_code = 3
+
+
+# ----------------------------------------------------------------------------- messages
+@wire.message("distill.BlockOpen")
+@dataclass(frozen=True)
+class BlockOpen:
+    """Bob -> Alice: a block is ready; Bob's test-basis bits of it."""
+
+    block: int
+    n_key: int
+    test_bits: np.ndarray
+
+
+@wire.message("distill.Estimate")
+@dataclass(frozen=True)
+class Estimate:
+    """Alice -> Bob: test-basis errors per intensity; her key bits at a random sample."""
+
+    block: int
+    test_errors: np.ndarray      # int64, per intensity class
+    sample: np.ndarray           # int64 positions in the block's key, ascending
+    sample_bits: np.ndarray      # uint8, Alice's bits there
+
+
+@wire.message("distill.Decision")
+@dataclass(frozen=True)
+class Decision:
+    """Bob -> Alice: go on to error correction, or stop (and why)."""
+
+    block: int
+    proceed: bool
+    reason: str
+    qber_estimate: float
+
+
+@wire.message("distill.Corrected")
+@dataclass(frozen=True)
+class Corrected:
+    """Bob -> Alice: errors corrected per intensity class."""
+
+    block: int
+    errors: np.ndarray           # int64, per intensity class
+
+
+@wire.message("distill.VerifyTag")
+@dataclass(frozen=True)
+class VerifyTag:
+    """Alice -> Bob: the verification hash function and Alice's tag."""
+
+    block: int
+    hash_key: bytes
+    tag: bytes
+
+
+@wire.message("distill.VerifyResult")
+@dataclass(frozen=True)
+class VerifyResult:
+    """Bob -> Alice: whether the tags match."""
+
+    block: int
+    match: bool
+
+
+@wire.message("distill.Amplify")
+@dataclass(frozen=True)
+class Amplify:
+    """Alice -> Bob: the secret length and the Toeplitz seed."""
+
+    block: int
+    out_bits: int
+    seed: np.ndarray             # uint8 0/1, n + out_bits - 1 bits
+
+
+for _cls in (cascade.CascadeStart, cascade.ParityRequest, cascade.ParityReply):
+    wire.register(_cls, "cascade." + _cls.__name__)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DistillParams:
+    """What both sides agree on before the session."""
+
+    protocol: str
+    intensities: tuple[float, ...]
+    probabilities: tuple[float, ...]
+    qber_sample_fraction: float = 0.005
+    qber_abort: float = 0.11
+    phase_error_tolerance: float = 0.11
+    eps_sec: float = 1e-9
+    eps_cor: float = 1e-15
+    extra_leak_bits: int = 0     # disclosed elsewhere (e.g. a digest of the sifted key)
+
+    @classmethod
+    def from_config(cls, cfg, extra_leak_bits: int = 0) -> DistillParams:
+        p = cfg.postprocess
+        return cls(protocol=cfg.protocol,
+                   intensities=tuple(cfg.source.mean_photon_numbers),
+                   probabilities=tuple(cfg.source.intensity_probabilities),
+                   qber_sample_fraction=p.qber_sample_fraction, qber_abort=p.qber_abort,
+                   phase_error_tolerance=p.phase_error_tolerance, eps_sec=p.eps_sec,
+                   eps_cor=p.eps_cor, extra_leak_bits=extra_leak_bits)
+
+
+@dataclass
+class KeyBlock:
+    """One side's share of a block: its key-basis bits and test-basis bits, with the
+    (public) intensity class of each."""
+
+    block: int
+    key: np.ndarray
+    intensity: np.ndarray
+    test_bits: np.ndarray
+    test_intensity: np.ndarray
+
+    def __repr__(self) -> str:  # never show key material
+        return (f"KeyBlock(block={self.block}, key_bits={self.key.shape[0]}, "
+                f"test_bits={self.test_bits.shape[0]})")
+
+
+@dataclass
+class BlockResult:
+    """What one block gave: the figures of the summary (no key material)."""
+
+    block: int
+    sifted_bits: int
+    test_bits: int
+    sample_bits: int = 0
+    key_bits: int = 0
+    qber_sample: float | None = None
+    qber_test: float | None = None
+    ec_leaked_bits: int = 0
+    ec_errors: int = 0
+    ec_rounds: int = 0
+    ec_efficiency: float | None = None
+    verified: bool | None = None
+    verification_tag_bits: int = 0
+    finite_key: dict[str, Any] | None = None
+    secret_bits: int = 0
+    aborted: bool = False
+    abort_reason: str | None = None
+    alarm: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: the secret key (Alice's copy, Bob's copy), kept off the summary
+    keys: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("keys", None)
+        return d
+
+
+# ----------------------------------------------------------------------------- estimates
+def _tau(n: int, mu: np.ndarray, p: np.ndarray) -> float:
+    return float(np.sum(p * np.exp(-mu) * mu ** n) / math.factorial(n))
+
+
+def point_estimates(protocol: str, intensities, probabilities, n_key, m_key, n_test,
+                    m_test) -> dict[str, float]:
+    """Single-photon counts and phase error from the observed counts, with no
+    statistical margin (the decoy bounds' point estimates).
+
+    An honest channel gives ``s1 > 0`` and a phase error near the test-basis
+    QBER; a photon-number-splitting attack drives ``s1`` to zero or below. Used
+    to tell an attack from a block that is merely too short for the finite-key
+    bound.
+    """
+    mu = np.asarray(intensities, float)
+    p = np.asarray(probabilities, float)
+    scale = np.exp(mu) / p
+
+    def bounds(n, m):
+        N = scale * np.asarray(n, float)
+        M = scale * np.asarray(m, float)
+        t0, t1 = _tau(0, mu, p), _tau(1, mu, p)
+        if protocol == "bb84-decoy":
+            m1, m2, m3 = mu
+            s0 = t0 * (m2 * N[2] - m3 * N[1]) / (m2 - m3)
+            s1 = t1 * m1 * (N[1] - N[2] - (m2 ** 2 - m3 ** 2) / m1 ** 2 * (N[0] - s0 / t0)) / (
+                m1 * (m2 - m3) - m2 ** 2 + m3 ** 2)
+            v1 = t1 * (M[1] - M[2]) / (m2 - m3)
+        else:
+            m1, m2 = mu
+            s0 = 2.0 * t0 * M[1]
+            s1 = t1 * m1 / (m2 * (m1 - m2)) * (N[1] - m2 ** 2 / m1 ** 2 * N[0]
+                                               - (m1 ** 2 - m2 ** 2) / m1 ** 2 * s0 / t0)
+            v1 = t1 / (m1 - m2) * (M[0] - M[1])
+        return s1, v1
+
+    s1_key, _ = bounds(n_key, m_key)
+    s1_test, v1 = bounds(n_test, m_test)
+    phase = v1 / s1_test if s1_test > 0 else math.inf
+    return {"s1_key": float(s1_key), "s1_test": float(s1_test), "phase_error": float(phase)}
+
+
+def _qber(errors: int, n: int) -> float | None:
+    return errors / n if n else None
+
+
+# ----------------------------------------------------------------------------- roles
+class _Role:
+    name = "?"
+
+    def __init__(self, params: DistillParams, channel, rng_bytes=secrets.token_bytes):
+        self.params = params
+        self.channel = channel
+        self.rng_bytes = rng_bytes
+
+    def _recv(self, cls, block):
+        msg = self.channel.recv()
+        if not isinstance(msg, cls) or getattr(msg, "block", block) != block:
+            raise ProtocolError(f"{self.name}: expected {cls.__name__} for block {block}, "
+                                f"got {type(msg).__name__}")
+        return msg
+
+
+class AliceDistiller(_Role):
+    """Alice's side: answers estimation, Cascade and verification; draws the sample,
+    the hash function and the Toeplitz seed from her random source."""
+
+    name = "alice"
+
+    def steps(self, blk: KeyBlock):
+        """Alice's exchange for one block, as a generator.
+
+        It yields wherever Alice waits for Bob's next message; in one process the
+        driver resumes it once Bob has sent (:func:`distill_block`). When it ends,
+        :attr:`key` holds her secret key of the block, or None.
+        """
+        self.key = None
+        ch, p = self.channel, self.params
+        nint = len(p.intensities)
+        yield
+        op = self._recv(BlockOpen, blk.block)
+        if op.n_key != blk.key.shape[0] or op.test_bits.shape != blk.test_bits.shape:
+            raise ProtocolError(f"alice: block {blk.block}: Bob's block has {op.n_key} key "
+                                f"and {op.test_bits.shape[0]} test bits, Alice's "
+                                f"{blk.key.shape[0]} and {blk.test_bits.shape[0]}")
+        wrong = op.test_bits != blk.test_bits
+        test_errors = np.bincount(blk.test_intensity[wrong], minlength=nint).astype(np.int64)
+        n = blk.key.shape[0]
+        k = min(n - 1, max(1, round(p.qber_sample_fraction * n)))
+        sample = _random_sample(n, k, self.rng_bytes)
+        ch.send(Estimate(blk.block, test_errors, sample, blk.key[sample].copy()))
+        yield
+        if not self._recv(Decision, blk.block).proceed:
+            return
+        keep = np.ones(n, bool)
+        keep[sample] = False
+        key = blk.key[keep]
+        intensity = blk.intensity[keep]
+        ec = cascade.CascadeAlice(key)
+        while True:
+            yield
+            msg = ch.recv()
+            if isinstance(msg, Corrected):
+                break
+            reply = ec.handle(msg)
+            if reply is not None:
+                ch.send(reply)
+        if msg.block != blk.block or msg.errors.shape != (nint,):
+            raise ProtocolError(f"alice: block {blk.block}: malformed error counts")
+        hkey = verify.draw_hash_key(key.shape[0], p.eps_cor, self.rng_bytes)
+        ch.send(VerifyTag(blk.block, hkey, verify.tag(key, hkey)))
+        yield
+        if not self._recv(VerifyResult, blk.block).match:
+            return
+        fk = _finite_key(p, intensity, blk.test_intensity, msg.errors, test_errors,
+                         ec.leaked_bits, key.shape[0])
+        if fk.secret_bits <= 0:
+            return
+        seed_bits = privacy.seed_length(key.shape[0], fk.secret_bits)
+        seed = np.unpackbits(np.frombuffer(self.rng_bytes((seed_bits + 7) // 8), np.uint8),
+                             count=seed_bits, bitorder="little")
+        ch.send(Amplify(blk.block, fk.secret_bits, seed))
+        self.key = privacy.toeplitz_hash(key, fk.secret_bits, seed)
+
+
+class BobDistiller(_Role):
+    """Bob's side: opens blocks, decides on the estimates, drives Cascade, checks the
+    verification tag, applies the seed."""
+
+    name = "bob"
+
+    def run(self, b: KeyBlock, peer=lambda: None) -> tuple[BlockResult, np.ndarray | None]:
+        """Bob's exchange for one block; returns its result and Bob's secret key (or None).
+
+        ``peer`` is called after each message Bob sends, so that an Alice in the
+        same thread can answer; between two processes it does nothing.
+        """
+        p, ch = self.params, self.channel
+        nint = len(p.intensities)
+
+        def send(msg):
+            ch.send(msg)
+            peer()
+
+        res = BlockResult(block=b.block, sifted_bits=int(b.key.shape[0]),
+                          test_bits=int(b.test_bits.shape[0]))
+        t0 = time.perf_counter()
+
+        # 1. estimation ----------------------------------------------------------------
+        send(BlockOpen(b.block, int(b.key.shape[0]), b.test_bits))
+        est = self._recv(Estimate, b.block)
+        n = b.key.shape[0]
+        if (est.sample.ndim != 1 or est.sample.shape != est.sample_bits.shape
+                or est.sample.shape[0] >= n or est.test_errors.shape != (nint,)
+                or (est.sample.size and (est.sample.min() < 0 or est.sample.max() >= n))):
+            raise ProtocolError(f"bob: block {b.block}: malformed estimate from Alice")
+        sample_err = int(np.count_nonzero(b.key[est.sample] != est.sample_bits))
+        res.sample_bits = int(est.sample.shape[0])
+        res.qber_sample = _qber(sample_err, res.sample_bits)
+        res.qber_test = _qber(int(est.test_errors.sum()), res.test_bits)
+        res.seconds["estimate"] = time.perf_counter() - t0
+        alarm = None
+        for name, q, nq in (("key (Z)", res.qber_sample, res.sample_bits),
+                            ("test (X)", res.qber_test, res.test_bits)):
+            if q is not None and q > p.qber_abort:
+                alarm = (f"QBER {100 * q:.2f} % in the {name} basis ({nq} bits) exceeds "
+                         f"{100 * p.qber_abort:.2f} %: the quantum channel is disturbed "
+                         f"(an intercept-resend attack raises it to 25 %)")
+                break
+        # Cascade's block sizes from a (slightly pessimistic) estimate of the key QBER
+        q_est = min(max((sample_err + 1) / (res.sample_bits + 2), 1e-4), 0.25)
+        send(Decision(b.block, alarm is None, alarm or "", float(q_est)))
+        if alarm is not None:
+            res.aborted, res.abort_reason, res.alarm = True, alarm, alarm
+            return res, None
+
+        # 2. error correction ----------------------------------------------------------
+        t1 = time.perf_counter()
+        keep = np.ones(n, bool)
+        keep[est.sample] = False
+        key = b.key[keep]
+        intensity = b.intensity[keep]
+        res.key_bits = int(key.shape[0])
+        ec = cascade.CascadeBob(key, q_est, int.from_bytes(self.rng_bytes(8), "little"))
+        send(ec.start())
+        reply = ch.recv()
+        while (req := ec.next_request(reply)) is not None:
+            send(req)
+            reply = ch.recv()
+        out = ec.result()
+        corrected, flipped = out.corrected, out.flipped
+        errors = np.bincount(intensity[flipped], minlength=nint).astype(np.int64)
+        send(Corrected(b.block, errors))
+        res.ec_leaked_bits = int(out.leaked_bits)
+        res.ec_errors = int(flipped.shape[0])
+        res.ec_rounds = int(out.rounds)
+        h = float(finite_key.binary_entropy(res.ec_errors / res.key_bits))
+        res.ec_efficiency = res.ec_leaked_bits / (res.key_bits * h) if h > 0 else None
+        res.seconds["error_correction"] = time.perf_counter() - t1
+
+        # 3. verification --------------------------------------------------------------
+        t2 = time.perf_counter()
+        vt = self._recv(VerifyTag, b.block)
+        match = bool(verify.tag(corrected, vt.hash_key) == vt.tag)
+        send(VerifyResult(b.block, match))
+        res.verified = match
+        res.verification_tag_bits = 8 * len(vt.tag)
+        res.seconds["verification"] = time.perf_counter() - t2
+        if not match:
+            res.abort_reason = ("verification failed: the corrected keys differ; the block "
+                                "is discarded")
+            log.warning("block %d: %s", b.block, res.abort_reason)
+            return res, None
+
+        # 4. finite-key length ---------------------------------------------------------
+        fk = _finite_key(p, intensity, b.test_intensity, errors, est.test_errors,
+                         res.ec_leaked_bits, res.key_bits)
+        res.finite_key = fk.to_dict()
+        res.finite_key["leak_verification_bits"] = _verification_leak(
+            p, res.verification_tag_bits)
+        if fk.secret_bits <= 0:
+            res.abort_reason = fk.abort_reason or "the finite-key bound leaves no secret bits"
+            if fk.aborted:
+                res.alarm = _decoy_alarm(p, intensity, b.test_intensity, errors,
+                                         est.test_errors, res)
+                if res.alarm is not None:
+                    res.aborted, res.abort_reason = True, res.alarm
+            return res, None
+
+        # 5. privacy amplification -----------------------------------------------------
+        t3 = time.perf_counter()
+        amp = self._recv(Amplify, b.block)
+        if amp.out_bits != fk.secret_bits or amp.seed.shape != (
+                privacy.seed_length(res.key_bits, fk.secret_bits),):
+            raise ProtocolError(f"bob: block {b.block}: Alice's seed is for {amp.out_bits} "
+                                f"bits, the bound gives {fk.secret_bits}")
+        b_key = privacy.toeplitz_hash(corrected, amp.out_bits, amp.seed)
+        res.seconds["privacy_amplification"] = time.perf_counter() - t3
+        res.secret_bits = int(fk.secret_bits)
+        return res, b_key
+
+
+def _decoy_alarm(p: DistillParams, intensity, test_intensity, errors, test_errors,
+                 res: BlockResult) -> str | None:
+    """An alarm when the point estimates confirm what the finite-key bound found."""
+    nint = len(p.intensities)
+    pe = point_estimates(p.protocol, p.intensities, p.probabilities, _counts(intensity, nint),
+                         errors, _counts(test_intensity, nint), test_errors)
+    res.finite_key["point_estimates"] = pe
+    if pe["s1_key"] <= 0 or pe["s1_test"] <= 0:
+        q = res.ec_errors / res.key_bits if res.key_bits else 0.0
+        return ("decoy analysis: the single-photon yield collapses (point estimate "
+                f"s1 = {pe['s1_key']:.4g}) while the QBER stays at {100 * q:.2f} %: the "
+                "decoy pulses are not detected as the channel loss predicts (a "
+                "photon-number-splitting attack)")
+    if pe["phase_error"] >= p.phase_error_tolerance:
+        return (f"decoy analysis: the single-photon phase error "
+                f"{100 * pe['phase_error']:.2f} % exceeds the tolerance "
+                f"{100 * p.phase_error_tolerance:.2f} %")
+    return None
+
+
+def distill_block(alice: AliceDistiller, bob: BobDistiller, a: KeyBlock,
+                  b: KeyBlock) -> BlockResult:
+    """Run the exchange for one block with both roles in this process.
+
+    The two sides take turns on the channel exactly as two processes would;
+    each uses only its own block and the messages. The result carries both
+    secret keys (:attr:`BlockResult.keys`) when the block gave any.
+    """
+    gen = alice.steps(a)
+    next(gen)
+
+    def peer():
+        next(gen, None)
+
+    res, b_key = bob.run(b, peer)
+    for _ in gen:  # let Alice finish
+        pass
+    if b_key is not None:
+        if alice.key is None or not np.array_equal(alice.key, b_key):
+            raise ProtocolError(f"block {b.block}: Alice and Bob disagree on the secret key")
+        res.keys = (alice.key, b_key)
+    return res
+
+
+def _counts(intensity: np.ndarray, nint: int) -> np.ndarray:
+    return np.bincount(intensity, minlength=nint).astype(np.int64)
+
+
+def _verification_leak(p: DistillParams, tag_bits: int) -> int:
+    return max(0, math.ceil(tag_bits - math.log2(2.0 / p.eps_cor)))
+
+
+def _finite_key(p: DistillParams, intensity, test_intensity, errors, test_errors,
+                leaked_bits: int, n_key: int):
+    nint = len(p.intensities)
+    stats = finite_key.DecoyStatistics(
+        intensities=tuple(p.intensities), probabilities=tuple(p.probabilities),
+        n_key=tuple(int(x) for x in _counts(intensity, nint)),
+        m_key=tuple(int(x) for x in errors),
+        n_test=tuple(int(x) for x in _counts(test_intensity, nint)),
+        m_test=tuple(int(x) for x in test_errors))
+    # the tag beyond what the bound's log2(2/eps_cor) term covers, and any digest shown
+    tag_bits = 64 * verify.instances_for(n_key, p.eps_cor)
+    leak = int(leaked_bits) + _verification_leak(p, tag_bits) + int(p.extra_leak_bits)
+    return finite_key.key_length(p.protocol, stats, leak_ec_bits=leak, eps_sec=p.eps_sec,
+                                 eps_cor=p.eps_cor,
+                                 phase_error_tolerance=p.phase_error_tolerance)
+
+
+def _random_sample(n: int, k: int, rng_bytes) -> np.ndarray:
+    """k distinct positions out of n, uniformly, ascending, from ``rng_bytes``."""
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(rng_bytes(32), "little")))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)

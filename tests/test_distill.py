@@ -1,0 +1,264 @@
+"""Secret key from the simulated bench: the distillation pipeline end to end.
+
+The secret length of each block is checked against the finite-key formula
+evaluated on the block's reported inputs; the keys against each other and the
+key store's file modes; the tamper alarms against the simulated eavesdropper.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import stat
+import threading
+import tomllib
+
+import numpy as np
+import pytest
+
+from qkdctl import cli
+from qkdctl.auth import AuthenticationError, LocalTransport
+from qkdctl.config import default_bench_path, parse_bench
+from qkdctl.keystore import KeyStore
+from qkdctl.postprocess import cascade
+from qkdctl.session import run_session
+
+RAW = tomllib.loads(default_bench_path().read_text(encoding="utf-8"))
+BLOCK = 1 << 20
+
+
+def bench(attack: str = "none", fraction: float = 1.0, protocol: str | None = None, **pp):
+    raw = copy.deepcopy(RAW)
+    raw["postprocess"] = {"block_bits": BLOCK, "min_block_bits": 1 << 18, **pp}
+    raw["sim"]["eavesdropper"] = {"attack": attack, "fraction": fraction}
+    if protocol == "bb84-one-decoy":
+        raw["bench"]["protocol"] = protocol
+        raw["source"]["intensity_names"] = ["signal", "decoy"]
+        raw["source"]["mean_photon_numbers"] = [0.5, 0.15]
+        raw["source"]["intensity_probabilities"] = [0.8, 0.2]
+    return parse_bench(raw, "distill.toml")
+
+
+def h(x: float) -> float:
+    return 0.0 if x <= 0 or x >= 1 else -x * math.log2(x) - (1 - x) * math.log2(1 - x)
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    store = tmp_path_factory.mktemp("keys")
+    s = run_session(bench(), duration_s=0.5, seed=11, keystore=store)
+    return s, store
+
+
+def test_honest_run_gives_secret_key(honest):
+    s, _ = honest
+    d = s["distillation"]
+    assert not s["tamper_alarm"] and not s["aborted"] and s["abort_reason"] is None
+    assert d["blocks_distilled"] >= 2
+    assert s["secret_bits"] > 0
+    assert s["secret_bits"] == sum(b["secret_bits"] for b in d["blocks"])
+    assert s["secret_key_rate_bps"] == pytest.approx(s["secret_bits"] / s["duration_s"])
+    # every sifted bit went into a block (the last one partial) or is reported
+    assert sum(b["sifted_bits"] for b in d["blocks"]) + d["undistilled_bits"] == s["sifted_bits"]
+    for b in d["blocks"]:
+        assert b["verified"] is True
+        if b["sifted_bits"] == BLOCK:  # a full block gives key; the last may be too short
+            assert b["secret_bits"] > 0, b["abort_reason"]
+        else:
+            assert b["secret_bits"] > 0 or "phase-error bound" in b["abort_reason"]
+        assert b["alarm"] is None
+        assert b["key_bits"] == b["sifted_bits"] - b["sample_bits"]
+        # Cascade found exactly the errors the in-process comparison counts overall
+        q = b["ec_errors"] / b["key_bits"]
+        assert abs(q - s["qber"]["Z"]) < 5 * math.sqrt(q / b["key_bits"]) + 1e-3
+        assert b["ec_efficiency"] == pytest.approx(b["ec_leaked_bits"] / (b["key_bits"] * h(q)))
+        assert 1.0 < b["ec_efficiency"] < 1.15
+
+
+def test_secret_length_is_the_bound(honest):
+    """l = floor(s0 + s1 (1 - h(phi)) - leak - 6 log2(21/eps_sec) - log2(2/eps_cor))
+    (Lim et al. 2014, Eq. 1) with the leak = Cascade's parities + the verification
+    tag beyond log2(2/eps_cor), from the block's own reported figures."""
+    s, _ = honest
+    for b in s["distillation"]["blocks"]:
+        fk = b["finite_key"]
+        leak = b["ec_leaked_bits"] + fk["leak_verification_bits"]
+        assert fk["leak_ec_bits"] == leak
+        eps_sec, eps_cor = fk["eps_sec"], fk["eps_cor"]
+        ell = (fk["s0_lower"] + fk["s1_lower"] * (1 - h(fk["phase_error_bound"])) - leak
+               - 6 * math.log2(21 / eps_sec) - math.log2(2 / eps_cor))
+        tol = 0.11  # postprocess.phase_error_tolerance
+        assert fk["aborted"] == (fk["phase_error_bound"] >= tol or fk["s1_lower"] <= 0)
+        assert b["secret_bits"] == (0 if fk["aborted"] else max(0, math.floor(ell)))
+        # the bounds hold against the truth of the simulation: the phase error of
+        # single photons cannot be below the observed test-basis QBER by much
+        assert fk["phase_error_bound"] > 0.8 * b["qber_test"]
+        assert fk["s1_lower"] < b["key_bits"]
+
+
+def test_keys_are_stored_secret_and_equal(honest):
+    s, store = honest
+    ids = s["distillation"]["key_ids"]
+    assert len(ids) == s["distillation"]["blocks_with_key"]
+    alice, bob = KeyStore(store / "alice"), KeyStore(store / "bob")
+    total = 0
+    for key_id in ids:
+        ra, rb = alice.get(key_id), bob.get(key_id)
+        assert ra.n_bits == rb.n_bits
+        assert ra.eps == pytest.approx(s["distillation"]["eps_sec"] + s["distillation"]["eps_cor"])
+        ka, kb = alice.read(key_id), bob.read(key_id)
+        np.testing.assert_array_equal(ka, kb)
+        # a secret key looks uniform
+        assert abs(ka.mean() - 0.5) < 5 * 0.5 / math.sqrt(ka.size)
+        total += ra.n_bits
+    assert total == s["secret_bits"]
+    for side in ("alice", "bob"):
+        d = store / side
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        for f in d.iterdir():
+            if f.suffix == ".key":
+                assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    # nothing of the keys in the summary
+    text = json.dumps(cli._json_safe(s))
+    assert "keys" not in s["distillation"]["blocks"][0]
+    assert len(text) < 200_000
+
+
+def test_one_decoy_protocol(tmp_path):
+    s = run_session(bench(protocol="bb84-one-decoy"), duration_s=0.5, seed=5,
+                    keystore=False)
+    d = s["distillation"]
+    assert d["protocol"] == "bb84-one-decoy" and not s["tamper_alarm"]
+    assert s["secret_bits"] > 0
+    for b in d["blocks"]:
+        fk = b["finite_key"]
+        leak = fk["leak_ec_bits"]
+        ell = (fk["s0_lower"] + fk["s1_lower"] * (1 - h(fk["phase_error_bound"])) - leak
+               - 6 * math.log2(19 / fk["eps_sec"]) - math.log2(2 / fk["eps_cor"]))
+        assert b["secret_bits"] == (0 if fk["aborted"] else max(0, math.floor(ell)))
+
+
+# ------------------------------------------------------------------------ tamper alarms
+def test_intercept_resend_raises_the_alarm(tmp_path):
+    s = run_session(bench("intercept-resend", 1.0, block_bits=1 << 18), duration_s=0.3,
+                    seed=3, keystore=tmp_path / "keys")
+    assert s["tamper_alarm"] and s["aborted"]
+    assert "QBER" in s["abort_reason"] and "intercept-resend" in s["abort_reason"]
+    assert s["secret_bits"] == 0
+    assert 0.22 < s["qber"]["Z"] < 0.28
+    b = s["distillation"]["blocks"][0]
+    assert b["alarm"] and b["ec_leaked_bits"] == 0   # stopped before error correction
+    # the run stopped after the alarm: less bench time than asked for
+    assert s["duration_s"] < 0.3
+    assert not list((tmp_path / "keys" / "alice").glob("*.key"))
+
+
+def test_pns_attack_is_caught_by_the_decoys():
+    s = run_session(bench("pns", 1.0), duration_s=0.3, seed=4, keystore=False)
+    assert s["qber"]["Z"] < 0.03           # the QBER alone shows nothing
+    assert s["tamper_alarm"] and s["secret_bits"] == 0
+    assert "single-photon" in s["abort_reason"]
+    b = s["distillation"]["blocks"][0]
+    assert b["verified"] is True
+    assert b["finite_key"]["point_estimates"]["s1_key"] <= 0
+
+
+def test_partial_attack_shrinks_the_key(honest):
+    s0, _ = honest
+    s = run_session(bench("intercept-resend", 0.1), duration_s=0.5, seed=11, keystore=False)
+    assert s["qber"]["Z"] > s0["qber"]["Z"] + 0.005
+    frac = s["secret_bits"] / s["sifted_bits"]
+    frac0 = s0["secret_bits"] / s0["sifted_bits"]
+    assert frac < 0.8 * frac0
+    # either a smaller key or no key; never an alarm-free key at the honest rate
+    for b in s["distillation"]["blocks"]:
+        if b["secret_bits"]:
+            assert b["finite_key"]["phase_error_bound"] > max(
+                x["finite_key"]["phase_error_bound"] for x in s0["distillation"]["blocks"])
+
+
+def test_cli_exit_code_3_on_alarm(tmp_path, capsys):
+    p = tmp_path / "eve.toml"
+    text = default_bench_path().read_text(encoding="utf-8")
+    text += ('\n[sim.eavesdropper]\nattack = "intercept-resend"\nfraction = 1.0\n'
+             f'\n[postprocess]\nblock_bits = {BLOCK}\n')
+    p.write_text(text)
+    rc = cli.main(["run", "--config", str(p), "--duration", "0.2", "--seed", "1", "--json",
+                   "-q", "--no-keystore"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 3
+    assert out["tamper_alarm"] is True and out["secret_bits"] == 0
+    for k in ("secret_bits", "ec_efficiency", "ec_leaked_bits", "phase_error_bound",
+              "aborted", "abort_reason"):
+        assert k in out
+
+
+def test_cli_json_keys_of_an_honest_run(tmp_path, capsys):
+    rc = cli.main(["run", "--duration", "0.2", "--seed", "2", "--json", "-q",
+                   "--keystore", str(tmp_path / "ks")])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["aborted"] is False and out["abort_reason"] is None
+    for k in ("secret_bits", "ec_efficiency", "ec_leaked_bits", "phase_error_bound"):
+        assert out[k] is not None
+    assert "sifted_key_sha256" not in out
+
+
+# ------------------------------------------------------------------------ channel tampering
+def _tamper_nth_frame(monkeypatch, n: int, how: str):
+    """Make the n-th frame sent on any in-process transport arrive damaged."""
+    orig = LocalTransport.send_bytes
+    count = {"n": 0}
+
+    def send_bytes(self, data):
+        with lock:
+            count["n"] += 1
+            if count["n"] == n:
+                if how == "flip":
+                    data = bytearray(data)
+                    data[len(data) // 2] ^= 0x10
+                    data = bytes(data)
+                elif how == "truncate":
+                    data = data[: len(data) // 2]
+                elif how == "replay":
+                    orig(self, data)
+        return orig(self, data)
+
+    lock = threading.Lock()
+
+    monkeypatch.setattr(LocalTransport, "send_bytes", send_bytes)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "replay"])
+def test_tampered_message_stops_the_session(monkeypatch, tmp_path, how):
+    _tamper_nth_frame(monkeypatch, 7, how)
+    with pytest.raises(AuthenticationError):
+        run_session(bench(), duration_s=0.2, seed=9, keystore=tmp_path / "ks")
+    assert not list((tmp_path / "ks" / "bob").glob("*.key"))
+
+
+def test_tampered_message_exit_code(monkeypatch, capsys):
+    _tamper_nth_frame(monkeypatch, 5, "flip")
+    rc = cli.main(["run", "--duration", "0.1", "--seed", "1", "-q", "--no-keystore"])
+    assert rc == 3
+    assert "TAMPER ALARM" in capsys.readouterr().err
+
+
+def test_verification_failure_discards_the_block(monkeypatch):
+    """A residual error after Cascade is caught by the hash: no key from that block."""
+    real = cascade.CascadeBob.result
+
+    def bad_result(self):
+        r = real(self)
+        c = r.corrected.copy()
+        c[len(c) // 3] ^= 1
+        return cascade.CascadeResult(c, r.leaked_bits, r.rounds, r.flipped, r.passes)
+
+    monkeypatch.setattr(cascade.CascadeBob, "result", bad_result)
+    s = run_session(bench(), duration_s=0.2, seed=9, keystore=False)
+    d = s["distillation"]
+    assert d["blocks_failed_verification"] == d["blocks_distilled"] >= 1
+    assert s["secret_bits"] == 0 and not s["tamper_alarm"]
+    assert all("verification failed" in b["abort_reason"] for b in d["blocks"])
