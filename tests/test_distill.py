@@ -262,3 +262,56 @@ def test_verification_failure_discards_the_block(monkeypatch):
     assert d["blocks_failed_verification"] == d["blocks_distilled"] >= 1
     assert s["secret_bits"] == 0 and not s["tamper_alarm"]
     assert all("verification failed" in b["abort_reason"] for b in d["blocks"])
+
+
+# ------------------------------------------------------------------------ leaks and options
+def test_sifted_digest_is_paid_for():
+    """The summary's SHA-256 of the sifted key discloses 256 bits: every block's
+    leak term grows by exactly that much."""
+    plain = run_session(bench(), duration_s=0.25, seed=21, keystore=False)
+    digest = run_session(bench(), duration_s=0.25, seed=21, keystore=False, sifted_digest=True)
+    assert "sifted_key_sha256" not in plain and len(digest["sifted_key_sha256"]) == 64
+    for a, b in zip(plain["distillation"]["blocks"], digest["distillation"]["blocks"],
+                    strict=True):
+        assert b["ec_leaked_bits"] == a["ec_leaked_bits"]   # same seed, same exchange
+        assert b["finite_key"]["leak_ec_bits"] == a["finite_key"]["leak_ec_bits"] + 256
+        if a["secret_bits"] and b["secret_bits"]:
+            assert b["secret_bits"] in (a["secret_bits"] - 256, a["secret_bits"] - 257)
+
+
+def test_same_seed_same_secret_key(tmp_path):
+    """On the simulated bench the distillation's choices come from the seed."""
+    runs = [run_session(bench(), duration_s=0.25, seed=33, keystore=tmp_path / f"k{i}")
+            for i in range(2)]
+    assert runs[0]["secret_bits"] == runs[1]["secret_bits"] > 0
+    ka = [KeyStore(tmp_path / f"k{i}" / "alice") for i in range(2)]
+    ids = [r["distillation"]["key_ids"] for r in runs]
+    for i0, i1 in zip(ids[0], ids[1], strict=True):
+        assert i0 != i1  # key IDs are unique even so
+        np.testing.assert_array_equal(ka[0].read(i0), ka[1].read(i1))
+
+
+def test_wegman_carter_authentication(tmp_path):
+    """Tags encrypted with pads from the key stores: both stores start with the same
+    key; each message costs its pad on both sides."""
+    store = tmp_path / "ks"
+    rng = np.random.default_rng(5)
+    seed_key = rng.integers(0, 2, 1 << 20, dtype=np.uint8)
+    for side in ("alice", "bob"):
+        (store).mkdir(mode=0o700, exist_ok=True)
+        KeyStore(store / side).add(seed_key, 1e-9, {"source": "initial"}, key_id="initial")
+    s = run_session(bench(auth="wegman-carter"), duration_s=0.25, seed=7, keystore=store)
+    assert s["secret_bits"] > 0 and not s["tamper_alarm"]
+    a, b = KeyStore(store / "alice"), KeyStore(store / "bob")
+    ra, rb = a.get("initial"), b.get("initial")
+    assert ra.pad_used == rb.pad_used and ra.pad_used_bits > 0
+    assert ra.pad_used_bits % 128 == 0
+    assert len(a.list()) == 1 + len(s["distillation"]["key_ids"])
+
+
+def test_wegman_carter_needs_key(tmp_path):
+    from qkdctl.auth import PadExhaustedError
+
+    with pytest.raises(PadExhaustedError):
+        run_session(bench(auth="wegman-carter"), duration_s=0.05, seed=7,
+                    keystore=tmp_path / "empty")

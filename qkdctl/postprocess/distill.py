@@ -173,7 +173,7 @@ class Amplify:
 
     block: int
     out_bits: int
-    seed: np.ndarray             # uint8 0/1, n + out_bits - 1 bits
+    seed: bytes                  # n + out_bits - 1 bits, packed, least significant first
 
 
 for _cls in (cascade.CascadeStart, cascade.ParityRequest, cascade.ParityReply):
@@ -374,10 +374,9 @@ class AliceDistiller(_Role):
         if fk.secret_bits <= 0:
             return
         seed_bits = privacy.seed_length(key.shape[0], fk.secret_bits)
-        seed = np.unpackbits(np.frombuffer(self.rng_bytes((seed_bits + 7) // 8), np.uint8),
-                             count=seed_bits, bitorder="little")
-        ch.send(Amplify(blk.block, fk.secret_bits, seed))
-        self.key = privacy.toeplitz_hash(key, fk.secret_bits, seed)
+        raw = self.rng_bytes((seed_bits + 7) // 8)
+        ch.send(Amplify(blk.block, fk.secret_bits, raw))
+        self.key = privacy.toeplitz_hash(key, fk.secret_bits, _seed_bits(raw, seed_bits))
 
 
 class BobDistiller(_Role):
@@ -487,11 +486,12 @@ class BobDistiller(_Role):
         # 5. privacy amplification -----------------------------------------------------
         t3 = time.perf_counter()
         amp = self._recv(Amplify, b.block)
-        if amp.out_bits != fk.secret_bits or amp.seed.shape != (
-                privacy.seed_length(res.key_bits, fk.secret_bits),):
+        seed_bits = privacy.seed_length(res.key_bits, fk.secret_bits)
+        if amp.out_bits != fk.secret_bits or len(amp.seed) != (seed_bits + 7) // 8:
             raise ProtocolError(f"bob: block {b.block}: Alice's seed is for {amp.out_bits} "
                                 f"bits, the bound gives {fk.secret_bits}")
-        b_key = privacy.toeplitz_hash(corrected, amp.out_bits, amp.seed)
+        b_key = privacy.toeplitz_hash(corrected, amp.out_bits,
+                                      _seed_bits(amp.seed, seed_bits))
         res.seconds["privacy_amplification"] = time.perf_counter() - t3
         res.secret_bits = int(fk.secret_bits)
         return res, b_key
@@ -541,8 +541,13 @@ def distill_block(alice: AliceDistiller, bob: BobDistiller, a: KeyBlock,
     return res
 
 
+def _seed_bits(raw: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(raw, np.uint8), count=n, bitorder="little")
+
+
 def _counts(intensity: np.ndarray, nint: int) -> np.ndarray:
-    return np.bincount(intensity, minlength=nint).astype(np.int64)
+    # count_nonzero of a comparison is several times faster than bincount on uint8
+    return np.array([np.count_nonzero(intensity == k) for k in range(nint)], np.int64)
 
 
 def _verification_leak(p: DistillParams, tag_bits: int) -> int:
