@@ -382,3 +382,23 @@ def test_ctrl_c_on_installed_script():
     check_summary(s)
     # stopped at a block boundary (blocks of 10 ms of bench time)
     assert math.isclose(s["duration_s"] * 100, round(s["duration_s"] * 100), abs_tol=1e-6)
+
+
+def test_keyrate_through_the_cli(capsys):
+    """`qkdctl keyrate` on the built-in bench: rows at the asked distances, the
+    rate falling with distance and below the PLOB bound."""
+    from qkdctl.config import default_bench_path
+
+    rc = main(["keyrate", "--config", str(default_bench_path()), "--distances", "25:75:25",
+               "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    assert [r["distance_km"] for r in rows] == [25.0, 50.0, 75.0]
+    rates = [r["secret_bits_per_pulse"] for r in rows]
+    assert rates[0] > rates[1] > rates[2] > 0
+    assert all(r["secret_bits_per_pulse"] < r["plob_bits_per_pulse"] for r in rows)
+    with pytest.raises(SystemExit) as e:
+        main(["keyrate", "--distances", "oops"])
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
