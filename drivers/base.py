@@ -51,6 +51,7 @@ __all__ = [
     "Identity",
     "Instrument",
     "Laser",
+    "PolarizationController",
     "PolarizationModulator",
     "SinglePhotonDetector",
     "TimeTagger",
@@ -694,10 +695,106 @@ class TimeTagger(Instrument):
     def _finish(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+# ------------------------------------------------------------ polarization controller
+
+
+class PolarizationController(Instrument):
+    """Motorized polarization compensation: waveplates on rotation mounts, or the
+    paddles of a fiber polarization controller; one axis per waveplate or paddle.
+
+    Angles are in degrees, as the devices count them (a mount's full turn is
+    360 degrees; a paddle's travel is limited, see the driver). Limits
+    ``min_angle_deg`` / ``max_angle_deg`` bound every move and are checked before
+    anything is sent. Settings: ``angles_deg`` (a list, one per axis). Safe state:
+    motion stopped (the position is kept).
+    """
+
+    role = "polarization"
+    SETTINGS = {"angles_deg": "set_angles_deg"}
+    LIMITS = {"min_angle_deg": "deg", "max_angle_deg": "deg"}
+
+    def _check_setting(self, key: str, value: Any) -> str | None:
+        if not isinstance(value, list | tuple) or any(_number(v) is None for v in value):
+            return f"expected a list of angles in degrees, got {value!r}"
+        return None
+
+    @property
+    def axes(self) -> int:
+        """Number of axes (waveplates or paddles)."""
+        return int(self._axes())
+
+    def _check_angle(self, axis: int, angle_deg: Any, command: str) -> float:
+        v = _number(angle_deg)
+        if v is None:
+            raise LimitError(f"{self.name}: {command}: {angle_deg!r} is not a finite angle "
+                             "in degrees")
+        if not (isinstance(axis, int | np.integer) and 0 <= axis < self.axes):
+            raise LimitError(f"{self.name}: {command}: no axis {axis!r}; axes 0..{self.axes - 1}")
+        lo, hi = self.limits.get("min_angle_deg"), self.limits.get("max_angle_deg")
+        if lo is not None and v < lo:
+            raise LimitError(f"{self.name}: {command}: {v:g} deg is below the limit "
+                             f"min_angle_deg = {lo:g} deg")
+        if hi is not None and v > hi:
+            raise LimitError(f"{self.name}: {command}: {v:g} deg is above the limit "
+                             f"max_angle_deg = {hi:g} deg")
+        return v
+
+    def set_angle_deg(self, axis: int, angle_deg: float) -> None:
+        """Move one axis to ``angle_deg`` (waits until the move is done)."""
+        command = f"set_angle_deg({axis}, {angle_deg!r})"
+        v = self._check_angle(axis, angle_deg, command)
+        self._require(command)
+        self._set_angle_deg(int(axis), v)
+        log.info("%s: axis %d at %g deg", self.name, axis, v)
+
+    def set_angles_deg(self, angles_deg) -> None:
+        """Move every axis (a sequence of angles, one per axis)."""
+        angles = list(angles_deg)
+        if len(angles) != self.axes:
+            raise LimitError(f"{self.name}: set_angles_deg: {len(angles)} angles for "
+                             f"{self.axes} axes")
+        checked = [self._check_angle(i, a, "set_angles_deg") for i, a in enumerate(angles)]
+        for i, a in enumerate(checked):
+            self.set_angle_deg(i, a)
+
+    def angle_deg(self, axis: int) -> float:
+        self._require("angle_deg")
+        return float(self._get_angle_deg(int(axis)))
+
+    def angles_deg(self) -> list[float]:
+        return [self.angle_deg(i) for i in range(self.axes)]
+
+    def home(self) -> None:
+        """Move every axis to its home (reference) position."""
+        self._require("home")
+        self._home()
+        log.info("%s: homed", self.name)
+
+    def _safe_state(self) -> None:
+        self._stop()
+
+    # driver hooks
+    @abstractmethod
+    def _axes(self) -> int: ...
+
+    @abstractmethod
+    def _set_angle_deg(self, axis: int, angle_deg: float) -> None: ...
+
+    @abstractmethod
+    def _get_angle_deg(self, axis: int) -> float: ...
+
+    @abstractmethod
+    def _home(self) -> None: ...
+
+    @abstractmethod
+    def _stop(self) -> None: ...
+
+
 ROLES: dict[str, type[Instrument]] = {
     "laser": Laser,
     "modulator": PolarizationModulator,
     "detectors": SinglePhotonDetector,
     "tagger": TimeTagger,
+    "polarization": PolarizationController,
 }
 """Bench role (the instrument's name in ``[instruments.<role>]``) -> its interface."""

@@ -173,6 +173,10 @@ class InstrumentConfig:
 
     driver: str = _spec("driver name", default="mock")
     resource: str = _spec("VISA resource, serial port or address", default="")
+    backend: str = _spec("VISA library for a VISA resource: '' (the system's), '@py' "
+                         "(pyvisa-py), 'devices.yaml@sim' (pyvisa-sim)", default="")
+    timeout_s: float = _spec("how long to wait for a reply", lo=0.0, lo_open=True, hi=600.0,
+                             default=2.0)
     settings: dict[str, Any] = _spec("settings applied when the bench is armed",
                                      default_factory=dict)
     limits: dict[str, Any] = _spec("safety limits checked before any command",

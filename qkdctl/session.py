@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,22 @@ def build_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
             raise ConfigError(f"{cfg.path}: instruments.{name}.driver: unknown driver "
                               f"{inst.driver!r}; available: {', '.join(sorted(DRIVERS))}")
         cls = driver_class(inst.driver, name)
-        bench[name] = cls(name=name, resource=inst.resource, settings=inst.settings,
+        bench[name] = cls(name=name, resource=inst.resource, backend=_backend(cfg, inst),
+                          timeout_s=inst.timeout_s, settings=inst.settings,
                           limits=inst.limits, config_key=f"{cfg.path}: instruments.{name}")
     return bench
+
+
+def _backend(cfg: BenchConfig, inst) -> str:
+    """The VISA library spec, a pyvisa-sim YAML path taken relative to the bench file."""
+    b = inst.backend
+    if "@" in b and not b.startswith("@") and cfg.path not in ("", "<string>"):
+        path, at, lib = b.rpartition("@")
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = Path(cfg.path).parent / p
+        return f"{p}{at}{lib}"
+    return b
 
 
 class _StopRequest:
@@ -287,7 +301,8 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
             SiftingPipeline(cfg, seed, sequence, keystores=stores, sifted_digest=sifted_digest,
                             allow_fresh_psk=simulated) as pipe:
         with contextlib.ExitStack() as stack:
-            for role in ARM_ORDER:
+            extra = [r for r in bench if r not in ARM_ORDER]  # e.g. a polarization controller
+            for role in (*extra, *ARM_ORDER):
                 stack.enter_context(bench[role])
             det_inst, laser, mod, tagger = (bench[r] for r in ARM_ORDER)
             if record is not None:
@@ -343,7 +358,6 @@ def open_keystores(keystore: str | os.PathLike | bool | None):
     """(Alice's, Bob's) key stores under ``keystore`` (None: the default; False: none)."""
     if keystore is False:
         return None
-    from pathlib import Path
 
     from .keystore import KeyStore, default_keystore_dir
 
