@@ -159,7 +159,8 @@ def test_unknown_role_is_a_config_error(cfg):
 def test_registry():
     drivers = available_drivers()
     assert drivers["mock"] == ("laser", "modulator", "detectors", "tagger")
-    assert tuple(ROLES) == drivers["mock"]
+    # the mock bench has the four roles of a session; a polarization controller is optional
+    assert tuple(r for r in ROLES if r != "polarization") == drivers["mock"]
     assert driver_class("mock", "laser") is MockLaser
     assert driver_class("mock", "tagger") is MockTimeTagger
     assert DRIVERS["mock"]["detectors"] is MockDetectors
