@@ -151,6 +151,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_instruments(args: argparse.Namespace) -> int:
+    from .instruments import identify, list_instruments, read_status
+
+    cfg = load_bench(args.config)
+    if args.action == "list":
+        out = list_instruments(cfg)
+        if args.json:
+            _print_json(out)
+            return 0
+        print(f"{out['bench']} ({out['config']})")
+        for name, i in out["instruments"].items():
+            where = i["resource"] or "-"
+            if i["backend"]:
+                where += f" via {i['backend']}"
+            print(f"  {name:<13} {i['driver']:<20} {where}")
+        print("drivers available:")
+        for d, roles in out["drivers"].items():
+            print(f"  {d:<20} {', '.join(roles)}")
+        return 0
+    out = identify(cfg) if args.action == "identify" else read_status(cfg)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['bench']} ({out['config']})")
+        for name, e in out["instruments"].items():
+            if not e["ok"]:
+                print(f"  {name:<13} ERROR {e['error']}")
+                continue
+            idn = e["identity"]
+            print(f"  {name:<13} {idn['make']} {idn['model']}, serial {idn['serial']}, "
+                  f"firmware {idn['firmware']}")
+            for k, v in (e.get("state") or e.get("status") or {}).items():
+                print(f"  {'':<13}   {k} = {v}")
+    return 0 if all(e["ok"] for e in out["instruments"].values()) else 2
+
+
 def _unit(text: str) -> float:
     try:
         v = float(text)
@@ -274,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also read the tags once, to count them per channel")
     inf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     inf.set_defaults(func=cmd_info)
+
+    ins = sub.add_parser("instruments", help="list, identify or read the bench's instruments",
+                         description="list: the configured instruments and the drivers "
+                                     "available; identify: connect to each and print its "
+                                     "identity and state; status: its live values. identify "
+                                     "and status change nothing on the instruments.")
+    ins.add_argument("action", choices=("list", "identify", "status"))
+    ins.add_argument("--config", metavar="FILE",
+                     help="bench file (TOML); default: the built-in simulated bench")
+    ins.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ins.set_defaults(func=cmd_instruments)
 
     from .keyrate import register as register_keyrate
 

@@ -402,3 +402,18 @@ def test_keyrate_through_the_cli(capsys):
         main(["keyrate", "--distances", "oops"])
     assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_instruments_list_identify_status(capsys):
+    assert main(["instruments", "list", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["instruments"]) == {"laser", "modulator", "detectors", "tagger"}
+    assert out["drivers"]["mock"] == ["laser", "modulator", "detectors", "tagger"]
+    assert main(["instruments", "identify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    laser = out["instruments"]["laser"]
+    assert laser["ok"] and laser["identity"]["model"] == "MockLaser"
+    assert laser["state"] == {"is_on": False}
+    assert main(["instruments", "status"]) == 0
+    text = capsys.readouterr().out
+    assert "current_ma = 45.0" in text and "MockTimeTagger" in text
