@@ -48,8 +48,12 @@ __all__ = [
     "driver_class",
 ]
 
+from .thorlabs_ld import CLD1015, ITC4000  # noqa: E402
+
 DRIVERS: dict[str, dict[str, type[Instrument]]] = {
     "mock": dict(MOCK_DRIVERS),
+    "thorlabs-itc4000": {"laser": ITC4000},
+    "thorlabs-cld1015": {"laser": CLD1015},
 }
 """Driver name (``[instruments.<role>] driver = ...``) -> role -> driver class."""
 

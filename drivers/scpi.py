@@ -5,12 +5,12 @@ A driver mixes :class:`ScpiInstrument` in front of its role interface::
     class ITC4000(ScpiInstrument, Laser):
         ...
 
-and gets ``_open``/``_close`` (the link; a device that has vanished is
-reconnected once), ``_identity`` from ``*IDN?``, and the helpers
+and gets ``_open``/``_close`` (the link), ``_identity`` from ``*IDN?``, and
+the helpers
 
-- :meth:`ScpiInstrument.send`: write a command, then read the error queue
-  (``SYST:ERR?``) until it reports no error; a device error is raised with the
-  command that caused it;
+- :meth:`ScpiInstrument.send`: empty the error queue of what earlier commands
+  left there (logged as such), write the command, then read the queue until it
+  reports no error; a device error is raised with the command that caused it;
 - :meth:`ScpiInstrument.ask` / :meth:`ScpiInstrument.ask_float` /
   :meth:`ScpiInstrument.ask_bool`: query, with a garbled or truncated reply
   reported as such.
@@ -106,7 +106,17 @@ class ScpiInstrument:
                                                    "(expected 0 or 1)")
 
     def send(self, command: str) -> None:
-        """Write ``command``, then raise the device's errors it caused, if any."""
+        """Write ``command``, then raise the device's errors it caused, if any.
+
+        Errors already queued (left by a query that failed, say) are logged and
+        dropped first, so that an error is always reported against its command.
+        """
+        try:
+            self.check_errors(f"before {command!r}")
+        except InstrumentError as e:
+            if "device error" not in str(e):
+                raise
+            log.warning("%s (left by an earlier command)", e)
         self.write(command)
         self.check_errors(command)
 

@@ -48,6 +48,7 @@ __all__ = [
     "TcpLink",
     "VisaLink",
     "ZmqReqLink",
+    "close_resource_managers",
     "link_kind",
     "open_link",
 ]
@@ -191,6 +192,21 @@ def _resource_manager(backend: str):
             rm = pyvisa.ResourceManager(backend) if backend else pyvisa.ResourceManager()
             _RESOURCE_MANAGERS[backend] = rm
         return rm
+
+
+def close_resource_managers() -> None:
+    """Close the cached PyVISA resource managers (a fresh one is made on the next open).
+
+    A pyvisa-sim backend keeps its simulated devices' state in its resource
+    manager; tests close them to start each from the YAML file's state.
+    """
+    with _RM_LOCK:
+        for rm in _RESOURCE_MANAGERS.values():
+            try:
+                rm.close()
+            except Exception as e:  # a manager already closed
+                log.debug("closing a VISA resource manager: %s", e)
+        _RESOURCE_MANAGERS.clear()
 
 
 class VisaLink(Link):
