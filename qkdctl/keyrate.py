@@ -47,6 +47,39 @@ pulse of the whole receiver (``dead_time_scope = "receiver"``, as in Rusca et
 al., Appendix B) or of one detector (``"detector"``, each basis' clicks shared by its two
 detectors). Error correction discloses ``f_EC h(E) n_key`` bits.
 
+Bench models. A model made from a bench file (:func:`model_from_bench`) has the
+counts of the bench's own receiver instead (:class:`PassiveReceiver`, computed
+by :func:`_passive_per_pulse`): the ones its simulated optical table
+(:mod:`qkdctl.sim`) produces and its sifting core (:mod:`qkdctl.sifting`)
+counts. A basis splitter sends the share ``p_b`` of the light to the two
+detectors of basis ``b``; for each of Alice's states (intensity, basis, bit)
+detector ``j`` receives an independent Poisson number of photons of mean
+``m_j`` (coherent light through linear optics) and, without dead time, clicks
+inside the analysis gate with probability
+``1 - (1 - p_dc,j)(1 - g_j (1 - exp(-m_j)))`` (``p_dc,j``: a dark count inside
+the gate; ``g_j``: the gate's acceptance of the timing jitter). All 2^4 click
+patterns are squashed as the sifting does (clicks of one basis that disagree
+give a random bit; clicks in both bases a random basis and a random bit, or
+nothing with ``multi_click = "discard"``) and sifted against Alice's basis.
+Non-paralysable dead time and afterpulses are a Markov renewal process per
+detector: a registered event (a photon click on the pulse grid, or a dark
+count or afterpulse at a uniform phase) blinds the detector for its dead time,
+after which the first photon click, dark count or pending afterpulse registers.
+Its steady state gives, per detector, the probabilities that a photon click
+and a dark count at a pulse register inside the gate and that an afterpulse
+does, which replace the click probability above. Approximations: the
+detectors' dead times are taken as independent of one another (they are
+coupled only through pulses on which several detectors click); inside a
+cycle the first pulse after a dark count or afterpulse is taken at its mean
+time, and an afterpulse's phase as that of an exponential delay at the
+cycle's total event rate (exact when the afterpulse delay is long against the
+pulse period); the timing jitter is taken as short against the period (a
+click never reaches another pulse's gate). The table is taken as calibrated
+(laser at its calibrated current, no polarization-controller rotation) and
+Alice's choices as independent per pulse (``sequence = "stream"``).
+``tests/test_keyrate_sim.py`` checks the sifted counts and errors per intensity
+and basis against runs of the simulated bench.
+
 Block size. ``block_size`` is the number of sifted key-basis detections per
 block (Lim's ``n_X``, Rusca's ``n_Z``); the pulses needed for it are
 ``N = n_key / P_key``. Alternatively ``pulses`` fixes ``N``. The rate is ``l / N``
@@ -74,6 +107,7 @@ import sys
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -100,8 +134,10 @@ from .postprocess.finite_key import (
 __all__ = [
     "FREE_PARAMETERS",
     "MODELS",
+    "BenchDetector",
     "KeyRateModel",
     "KeyRatePoint",
+    "PassiveReceiver",
     "cmd_keyrate",
     "default_keyrate_path",
     "evaluate",
@@ -150,7 +186,11 @@ class KeyRateModel:
     guess when it is true. ``bob_z_basis_probability`` ``None`` means the same as
     Alice's. Exactly one of ``block_sizes`` / ``pulses`` is set for the finite-key
     models, neither for ``"asymptotic"``; ``eps_sec_per_key_bit`` (Lim's
-    ``kappa``) replaces ``eps_sec`` when set.
+    ``kappa``) replaces ``eps_sec`` when set. With ``receiver`` set (a model of
+    a bench file) the counts are those of that passive four-detector receiver
+    (:class:`PassiveReceiver`), which then supersedes ``eta_bob``,
+    ``dark_count_probability``, ``afterpulse_probability``, ``dead_time_ns`` and
+    ``basis_choice`` (kept as the receiver's means, for display).
     """
 
     model: str
@@ -179,6 +219,7 @@ class KeyRateModel:
     distances_km: tuple[float, ...] = ()
     name: str = "keyrate"
     path: str = "<string>"
+    receiver: PassiveReceiver | None = None
 
     @property
     def bob_z(self) -> float:
@@ -237,6 +278,8 @@ def _per_pulse(model: KeyRateModel, mus: Sequence[float], ps: Sequence[float], p
 
     Returns ``(key_det, key_err, test_det, test_err)``, lists over classes.
     """
+    if model.receiver is not None:
+        return _passive_per_pulse(model.receiver, model.misalignment, mus, ps, pa, pb, eta_ch)
     eta = eta_ch * model.eta_bob
     pdc, pap, emis = (model.dark_count_probability, model.afterpulse_probability,
                       model.misalignment)
@@ -266,6 +309,323 @@ def _per_pulse(model: KeyRateModel, mus: Sequence[float], ps: Sequence[float], p
             cs = (1.0 / (1.0 + ft * load[0] / 2.0), 1.0 / (1.0 + ft * load[1] / 2.0))
         for i, c in enumerate((cs[0], cs[0], cs[1], cs[1])):
             out[i] = [v * c for v in out[i]]
+    return out[0], out[1], out[2], out[3]
+
+
+# --------------------------------------------------------------------------- passive receiver
+@dataclass(frozen=True)
+class BenchDetector:
+    """One detector of a :class:`PassiveReceiver`, with the simulated bench's physics.
+
+    ``basis`` (0 = Z, 1 = X) and ``bit`` are the outcome it reports; the dark
+    counts are Poisson in continuous time; ``dead_time_ps`` is non-paralysable
+    (on the tagger's clock) and starts at every registered event, in the gate or
+    not; an afterpulse follows a registered event with probability
+    ``afterpulse_probability``, an exponential time of mean
+    ``afterpulse_time_constant_ns`` after the dead time, unless another event
+    registers first. ``jitter_ps`` is the RMS timing jitter; ``gate_offset_ps``
+    the true arrival time minus the centre of the analysis gate.
+    """
+
+    basis: int
+    bit: int
+    efficiency: float
+    dark_count_rate_hz: float = 0.0
+    dead_time_ps: float = 0.0
+    afterpulse_probability: float = 0.0
+    afterpulse_time_constant_ns: float = 100.0
+    jitter_ps: float = 0.0
+    gate_offset_ps: float = 0.0
+
+
+@dataclass(frozen=True)
+class PassiveReceiver:
+    """Bob's passive receiver: insertion loss, a basis splitter, one detector per outcome.
+
+    ``transmittance`` is Bob's optical loss before the splitter (the splitter's
+    ratio is Bob's Z-basis probability); ``period_ps`` is the pulse period on the
+    tagger's clock; ``gate_width_ps`` the analysis gate, centred on each pulse's
+    expected arrival; ``sync_jitter_ps`` and ``tagger_resolution_ps`` blur the
+    gate edges; ``multi_click`` is the sifting's squashing rule (``"random"`` or
+    ``"discard"``, see :mod:`qkdctl.sifting`).
+    """
+
+    detectors: tuple[BenchDetector, ...]
+    transmittance: float
+    gate_width_ps: float
+    period_ps: float
+    sync_jitter_ps: float = 0.0
+    tagger_resolution_ps: float = 1.0
+    multi_click: str = "random"
+
+
+def _norm_cdf(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+@lru_cache(maxsize=256)
+def _outcome_weights(bases: tuple[int, ...], bits: tuple[int, ...],
+                     multi_click: str) -> np.ndarray:
+    """``w[mask, b, y]``: probability that the set ``mask`` of clicking detectors gives
+    Bob's result (basis b, bit y), after squashing as in :func:`qkdctl.sifting.assign_kernel`.
+
+    No click, and clicks in both bases with ``multi_click = "discard"``, give no
+    result (a zero row). Clicks of one basis that agree give their bit; that
+    disagree, a random bit; clicks in both bases, a random basis and a random bit.
+    """
+    nd = len(bases)
+    w = np.zeros((1 << nd, 2, 2))
+    for mask in range(1, 1 << nd):
+        on = [j for j in range(nd) if mask >> j & 1]
+        bs = {bases[j] for j in on}
+        ys = {bits[j] for j in on}
+        if len(bs) == 2:
+            if multi_click != "discard":
+                w[mask] = 0.25
+        elif len(ys) == 2:
+            w[mask, bs.pop(), :] = 0.5
+        else:
+            w[mask, bs.pop(), ys.pop()] = 1.0
+    return w
+
+
+def _edge_blur_ps(rx: PassiveReceiver) -> float:
+    """RMS blur of the gate edges besides a detector's jitter: sync jitter, tagger bins."""
+    return math.sqrt(rx.sync_jitter_ps**2 + rx.tagger_resolution_ps**2 / 6.0)
+
+
+def _gate_acceptance(d: BenchDetector, rx: PassiveReceiver) -> float:
+    """Probability that a photon click falls inside its pulse's gate."""
+    half = rx.gate_width_ps / 2.0
+    s = math.hypot(d.jitter_ps, _edge_blur_ps(rx))
+    off = d.gate_offset_ps
+    if s <= 0.0:
+        return 1.0 if -half <= off < half else 0.0
+    return _norm_cdf((half - off) / s) - _norm_cdf((-half - off) / s)
+
+
+#: quadrature over a standard normal jitter draw (nodes, weights)
+_JITTER_NODES = np.linspace(-10.0, 10.0, 801)
+_JITTER_WEIGHTS = np.exp(-0.5 * _JITTER_NODES**2)
+_JITTER_WEIGHTS /= _JITTER_WEIGHTS.sum()
+
+
+@lru_cache(maxsize=256)
+def _photon_slots(dead_ps: float, period_ps: float, jitter_ps: float, offset_ps: float,
+                  half_gate_ps: float, edge_ps: float
+                  ) -> tuple[tuple[tuple[float, float, float, float], ...], float]:
+    """The pulses after a registered photon click at the edge of its dead time.
+
+    Pulse m after the click arrives ``m P + sigma (x_m - x_0)`` later (``x`` the
+    two clicks' jitter draws) and the tagger counts whole picoseconds, which
+    adds a uniform ``V`` in [0, 1) ps: a click at m registers when
+    ``m P + sigma (x_m - x_0) + V >= dead time``. Early clicks are both more
+    often blocked and, with a gate off centre, more or less often inside the
+    gate, so the two are taken jointly. A dark count inside pulse m's gate comes
+    at ``m P - offset + w`` (w uniform over the gate). Returns, for every pulse
+    where any of these is uncertain, (m, P(a click registers), P(it registers
+    inside the gate), P(a dark count inside the gate registers)), and the
+    first pulse from which all are sure.
+    """
+    s, half = jitter_ps, half_gate_ps
+    if s > 0.0:
+        x, w = _JITTER_NODES, _JITTER_WEIGHTS
+    else:
+        x, w = np.zeros(1), np.ones(1)
+    from scipy.special import ndtr
+
+    t = offset_ps + s * x  # a click's time relative to its gate's centre
+    if edge_ps > 0.0:
+        in_gate = ndtr((half - t) / edge_ps) - ndtr((-half - t) / edge_ps)
+    else:
+        in_gate = ((t >= -half) & (t < half)).astype(float)
+
+    def psi(z: np.ndarray) -> np.ndarray:  # an antiderivative of the normal CDF
+        return z * ndtr(z) + np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+    spread = 12.0 * s + half + abs(offset_ps) + 2.0
+    m_lo = max(1, math.floor((dead_ps - spread) / period_ps))
+    m_hi = max(m_lo, math.ceil((dead_ps + spread) / period_ps))
+    out = []
+    for m in range(m_lo, m_hi + 1):
+        c = s * x + m * period_ps - dead_ps  # open when sigma x_0 <= c + V
+        if s > 0.0:
+            opened = s * (psi((c + 1.0) / s) - psi(c / s))  # averaged over V
+        else:
+            opened = np.clip(c + 1.0, 0.0, 1.0)
+        dark = np.clip((half - (dead_ps - m * period_ps + offset_ps + s * x)) / (2.0 * half),
+                       0.0, 1.0)
+        u, ug, ud = float(w @ opened), float(w @ (opened * in_gate)), float(w @ dark)
+        if u > 0.0 or ud > 0.0:
+            out.append((float(m), u, ug, ud))
+    return tuple(out), float(m_hi + 1)
+
+
+def _cycle(slots: Sequence[tuple[float, float, float, float]], t_tail: float, gate: float,
+           tau: float, q: float, kappa: float) -> tuple[float, float, float, float]:
+    """One dead-time cycle of a detector, from a registered event (time 0, in pulses).
+
+    The detector is blind until ``tau``; then it registers the first of: a
+    photon click (probability ``q`` at each pulse) and a continuous-time event
+    of rate ``kappa`` (dark counts, a pending afterpulse). ``slots`` are the
+    first pulses as (time, P(open), P(open, in the gate), P(open to a dark count
+    in the gate)); after them comes one fully open pulse every unit from
+    ``t_tail``, a click inside the gate with probability ``gate``. Returns the
+    expected numbers of pulses reached open to a click inside the gate and to a
+    dark count inside the gate, the expected time from ``tau`` to the
+    registration, and the probability that a photon click ends the cycle.
+    """
+    surv, t_prev = 1.0, tau
+    open_gate = open_dark = live = photon = 0.0
+
+    def span(dt: float) -> float:  # integral of exp(-kappa t) over [0, dt]
+        return -math.expm1(-kappa * dt) / kappa if kappa > 0.0 else dt
+
+    for t, u, ug, ud in slots:
+        if t > t_prev:
+            live += surv * span(t - t_prev)
+            surv *= math.exp(-kappa * (t - t_prev))
+            t_prev = t
+        open_gate += surv * ug
+        open_dark += surv * ud
+        photon += surv * q * u
+        surv *= 1.0 - q * u
+    if t_tail > t_prev:
+        live += surv * span(t_tail - t_prev)
+        surv *= math.exp(-kappa * (t_tail - t_prev))
+    tail = surv / (1.0 - (1.0 - q) * math.exp(-kappa))
+    open_gate += tail * gate
+    open_dark += tail
+    photon += tail * q
+    live += tail * (1.0 - q) * span(1.0)
+    return open_gate, open_dark, live, photon
+
+
+def _wrapped_gate_mass(rate: float, shift: float, half: float) -> float:
+    """P((shift + E) mod 1 lies within ``half`` of an integer), E exponential of ``rate``."""
+    if rate <= 0.0:
+        return 2.0 * half
+
+    def cdf(x: float) -> float:  # of E mod 1, on [0, 1]
+        return math.expm1(-rate * x) / math.expm1(-rate)
+
+    lo = (-half - shift) % 1.0
+    hi = lo + 2.0 * half
+    if hi <= 1.0:
+        return cdf(hi) - cdf(lo)
+    return 1.0 - cdf(lo) + cdf(hi - 1.0)
+
+
+def _dead_time(d: BenchDetector, q: float, rx: PassiveReceiver) -> tuple[float, float, float]:
+    """(photon, dark, afterpulse): one detector in the steady state of its dead time.
+
+    ``q`` is the probability of a photon click per pulse (over Alice's states).
+    ``photon`` is the probability that a photon click at a given pulse
+    registers inside the gate (gate acceptance included), ``dark`` that a dark
+    count inside the gate registers, ``afterpulse`` the probability per pulse of
+    a registered afterpulse inside that pulse's gate. The events form a Markov
+    renewal process: a cycle starts at a registered event, either a photon
+    click (on the pulse grid, blurred by the jitter: see :func:`_photon_slots`)
+    or a dark count or afterpulse (at a uniformly distributed phase), and ends
+    at the next registered event (:func:`_cycle`).
+    """
+    gate = _gate_acceptance(d, rx)
+    period = rx.period_ps
+    tau = d.dead_time_ps / period
+    rho = d.dark_count_rate_hz * period * 1e-12
+    p_ap = d.afterpulse_probability
+    mu = period / (d.afterpulse_time_constant_ns * 1e3) if p_ap > 0.0 else 0.0
+    if q <= 0.0 and rho <= 0.0:
+        return gate, 1.0, 0.0
+    i0 = math.floor(tau)
+    u0 = 1.0 - (tau - i0)
+    uniform = (((tau + i0 + 1.0) / 2.0, u0, u0 * gate, u0),), i0 + 1.5
+    half = rx.gate_width_ps / (2.0 * period)
+    nu = mu + rho - math.log1p(-min(q, 1.0 - 1e-15))
+    shift = tau + d.gate_offset_ps / period
+    photon_slots = _photon_slots(float(d.dead_time_ps), period, d.jitter_ps, d.gate_offset_ps,
+                                 rx.gate_width_ps / 2.0, _edge_blur_ps(rx))
+    starts = {"photon": (photon_slots, _wrapped_gate_mass(nu, shift, half)),
+              "uniform": (uniform, 2.0 * half)}
+    res = {}
+    for name, ((slots, t_tail), acc) in starts.items():
+        sums = np.zeros(5)  # open in the gate, open to dark counts, time, to a photon, afterpulse
+        for w, kappa in ((1.0 - p_ap, rho), (p_ap, rho + mu)):
+            if w <= 0.0:
+                continue
+            og, od, live, ph = _cycle(slots, t_tail, gate, tau, q, kappa)
+            sums += w * np.array([og, od, tau + live, ph, (kappa - rho) * live * acc])
+        res[name] = sums
+    ph_ph, ph_un = res["photon"][3], res["uniform"][3]
+    denom = ph_un + (1.0 - ph_ph)
+    pi_ph = ph_un / denom if denom > 0.0 else 1.0
+    mean = pi_ph * res["photon"] + (1.0 - pi_ph) * res["uniform"]
+    return float(mean[0] / mean[2]), float(mean[1] / mean[2]), float(mean[4] / mean[2])
+
+
+def _passive_per_pulse(rx: PassiveReceiver, e_mis: float, mus: Sequence[float],
+                       ps: Sequence[float], pa: float, pb: float, eta_ch: float
+                       ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """:func:`_per_pulse` for a passive receiver: every click pattern, squashed and sifted.
+
+    Per Alice's state (class k, basis a, bit x) detector j receives a Poisson
+    number of photons of mean ``m_j = k eta_ch t_Bob s_j r_j eta_j`` (splitter
+    share ``s_j``; route ``r_j`` = ``1 - e_mis`` / ``e_mis`` to the right / wrong
+    detector of Alice's basis, 1/2 in the other basis), independently of the
+    others. Without dead time it clicks inside the gate with probability
+    ``1 - (1 - p_dc,j)(1 - g_j (1 - exp(-m_j)))`` (a dark count inside the gate
+    ``p_dc,j``, gate acceptance of the jitter ``g_j``); with dead time and
+    afterpulses with ``P_j p_j + D_j p_dc,j (1 - g_j p_j) + A_j (1 - f_j p_j) /
+    (1 - f_j q_j)``, ``p_j = 1 - exp(-m_j)``, where ``P_j`` / ``D_j`` are the
+    probabilities that a photon click / a dark count at a pulse registers inside
+    the gate and ``A_j`` that of a registered afterpulse there
+    (:func:`_dead_time`; ``P_j = g_j``, ``D_j = 1``, ``A_j = 0`` without them).
+    An afterpulse due in the share ``f_j`` of the gate after the photons'
+    arrival is pre-empted by a photon click of that pulse, so its share of the
+    clicks depends on the state (``q_j`` is ``p_j`` averaged over the states, as
+    in ``A_j``). The detectors are taken as independent given the state; the 2^n
+    click patterns are squashed into Bob's (basis, bit) (:func:`_outcome_weights`)
+    and sifted against Alice's basis.
+    """
+    dets = rx.detectors
+    nd = len(dets)
+    basis = np.array([d.basis for d in dets])
+    bit = np.array([d.bit for d in dets])
+    eff = np.array([d.efficiency for d in dets])
+    a = np.arange(2)[:, None, None]
+    x = np.arange(2)[None, :, None]
+    split = np.where(basis == 0, pb, 1.0 - pb)
+    route = np.where(basis == a, np.where(bit == x, 1.0 - e_mis, e_mis), 0.5)
+    per_photon = eta_ch * rx.transmittance * split * route * eff  # (a, x, j)
+    mu = np.asarray(mus, float)
+    p_click = -np.expm1(-mu[:, None, None, None] * per_photon)  # (k, a, x, j)
+    w_state = (np.asarray(ps, float)[:, None, None] * np.array([pa, 1.0 - pa])[:, None]
+               * 0.5 * np.ones((1, 1, 2)))  # (k, a, x)
+    load = np.einsum("kax,kaxj->j", w_state, p_click)
+    dark = np.array([-math.expm1(-d.dark_count_rate_hz * rx.gate_width_ps * 1e-12)
+                     for d in dets])
+    accept = np.array([_gate_acceptance(d, rx) for d in dets])
+    live_ph, live_dc, ap = np.array([_dead_time(d, float(q), rx)
+                                     for d, q in zip(dets, load, strict=True)]).T
+    # an afterpulse due inside the gate after the photons' arrival is pre-empted by
+    # a photon click (the click is counted once, as the photon's): of the afterpulses
+    # registered, on average over the states, a share depends on the state
+    late = np.array([min(max(0.5 - d.gate_offset_ps / rx.gate_width_ps, 0.0), 1.0)
+                     for d in dets])
+    ap_state = ap * (1.0 - late * p_click) / (1.0 - late * load)
+    click = live_ph * p_click + live_dc * dark * (1.0 - accept * p_click) + ap_state
+    click = np.clip(click, 0.0, 1.0)
+    masks = (np.arange(1 << nd)[:, None] >> np.arange(nd)) & 1  # (M, j)
+    pattern = np.prod(np.where(masks == 1, click[..., None, :], 1.0 - click[..., None, :]),
+                      axis=-1)  # (k, a, x, M)
+    w = _outcome_weights(tuple(int(b) for b in basis), tuple(int(y) for y in bit),
+                         rx.multi_click)
+    bob = np.einsum("kaxm,mby->kaxby", pattern, w)
+    out: list[list[float]] = []
+    for b in (0, 1):
+        sifted = np.einsum("kx,kxy->k", w_state[:, b], bob[:, b, :, b, :])
+        wrong = (w_state[:, b, 0] * bob[:, b, 0, b, 1] + w_state[:, b, 1] * bob[:, b, 1, b, 0])
+        out.extend((sifted.tolist(), wrong.tolist()))
     return out[0], out[1], out[2], out[3]
 
 
@@ -943,11 +1303,15 @@ def parse_keyrate(data: dict[str, Any], path: str = "<string>") -> KeyRateModel:
 def model_from_bench(cfg: BenchConfig, *, block_size: float = BENCH_BLOCK_SIZE) -> KeyRateModel:
     """The key-rate model of a bench file's simulated optical table.
 
-    ``eta_Bob`` = mean detector efficiency x Bob's insertion loss; dark-count
-    probability per detector = mean dark-count rate x the analysis gate;
-    afterpulsing, misalignment, fiber loss, dead time (per detector), the
-    passive basis splitter, the intensities and basis probabilities as in the
-    file. Three intensity classes give the ``lim2014`` model, two the
+    The counts are those of the bench's passive receiver, detector by detector
+    (:class:`PassiveReceiver`: efficiency, dark counts, dead time, afterpulses,
+    jitter and the analysis gate, the basis splitter, the squashing rule of
+    ``analysis.multi_click``; see the module docstring), with the misalignment,
+    fiber loss, intensities and basis probabilities of the file. The summary
+    fields ``eta_bob`` (mean detector efficiency x Bob's insertion loss),
+    ``dark_count_probability`` (mean dark-count rate x the gate),
+    ``afterpulse_probability`` and ``dead_time_ns`` are the detectors' means.
+    Three intensity classes give the ``lim2014`` model, two the
     ``rusca2018`` model (also for protocol ``"bb84-one-decoy"``). The bench's own
     parameters are evaluated (``optimise`` false); f_EC = 1.16, eps_sec = 1e-9,
     eps_cor = 1e-15 and blocks of ``block_size`` sifted key bits (default 1e8,
@@ -972,6 +1336,19 @@ def model_from_bench(cfg: BenchConfig, *, block_size: float = BENCH_BLOCK_SIZE) 
     dets = sim.detectors
     eff = sum(d.efficiency for d in dets) / len(dets)
     gate_s = cfg.analysis.gate_width_ps * 1e-12
+    by_channel = {d.channel: d for d in dets}
+    receiver = PassiveReceiver(
+        detectors=tuple(BenchDetector(
+            basis=0 if r.basis == "Z" else 1, bit=r.bit, efficiency=d.efficiency,
+            dark_count_rate_hz=d.dark_count_rate_hz, dead_time_ps=round(d.dead_time_ns * 1e3),
+            afterpulse_probability=d.afterpulse_probability,
+            afterpulse_time_constant_ns=d.afterpulse_time_constant_ns, jitter_ps=d.jitter_ps,
+            gate_offset_ps=d.delay_ps - r.delay_ps)
+            for r in cfg.receiver.detectors for d in (by_channel[r.channel],)),
+        transmittance=sim.bob_transmittance, gate_width_ps=cfg.analysis.gate_width_ps,
+        period_ps=s.period_ps * (1.0 + sim.clock_drift_ppm * 1e-6),
+        sync_jitter_ps=sim.sync_jitter_ps, tagger_resolution_ps=sim.tagger_resolution_ps,
+        multi_click=cfg.analysis.multi_click)
     model_obj = KeyRateModel(
         model=model, name=cfg.name, optimise=False,
         fiber_attenuation_db_per_km=sim.fiber_attenuation_db_per_km,
@@ -986,7 +1363,8 @@ def model_from_bench(cfg: BenchConfig, *, block_size: float = BENCH_BLOCK_SIZE) 
         z_basis_probability=s.z_basis_probability,
         bob_z_basis_probability=cfg.receiver.z_basis_probability,
         block_sizes=(float(block_size),),
-        distances_km=tuple(_distance_range(*DEFAULT_DISTANCES)), path=where)
+        distances_km=tuple(_distance_range(*DEFAULT_DISTANCES)), path=where,
+        receiver=receiver)
     _check_parameters(model_obj, model_obj.fixed_parameters())
     return model_obj
 

@@ -16,10 +16,12 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from itertools import product
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from qkdctl.config import load_bench
 from qkdctl.errors import ConfigError, QkdctlError
@@ -109,9 +111,17 @@ def test_bench_file_gives_its_model():
     assert (m.z_basis_probability, m.bob_z) == (cfg.source.z_basis_probability,
                                                 cfg.receiver.z_basis_probability)
     assert m.misalignment == cfg.sim.misalignment and m.rep_rate_hz == cfg.source.rep_rate_hz
+    rx = m.receiver
+    assert [(d.basis, d.bit) for d in rx.detectors] == [
+        (0 if d.basis == "Z" else 1, d.bit) for d in cfg.receiver.detectors]
+    assert rx.transmittance == pytest.approx(10 ** (-cfg.sim.bob_insertion_loss_db / 10))
+    assert [d.dead_time_ps for d in rx.detectors] == [50_000] * 4
+    assert (rx.gate_width_ps, rx.multi_click) == (cfg.analysis.gate_width_ps,
+                                                  cfg.analysis.multi_click)
     p = evaluate(m, 50.0)
     assert p.secret_bits_per_pulse > 0 and not p.result.aborted
-    assert p.qber_key == pytest.approx(cfg.sim.misalignment, rel=0.05)
+    # misalignment, plus the multi-clicks (a random bit) and dark counts
+    assert cfg.sim.misalignment < p.qber_key < 1.1 * cfg.sim.misalignment
 
 
 def test_bench_without_sim_table(tmp_path):
@@ -177,26 +187,95 @@ def test_expected_statistics_match_the_published_model():
     assert all(float(x).is_integer() for x in r.n_key + r.m_test)
 
 
+def _bench_counts_by_enumeration(cfg, n, dist, live):
+    """Sifted counts and errors of the bench, computed afresh: per state and click
+    pattern, with each detector's click probability scaled by ``live``."""
+    src, rx, sim = cfg.source, cfg.receiver, cfg.sim
+    by_ch = {d.channel: d for d in sim.detectors}
+    dets = [(d.basis, d.bit, by_ch[d.channel]) for d in rx.detectors]
+    t = 10 ** (-sim.fiber_attenuation_db_per_km * dist / 10) * sim.bob_transmittance
+    e = sim.misalignment
+    gate = cfg.analysis.gate_width_ps
+    out = {b: (np.zeros(3), np.zeros(3)) for b in "ZX"}
+    for k, (mu, pk) in enumerate(zip(src.mean_photon_numbers, src.intensity_probabilities,
+                                     strict=True)):
+        for a, x in product("ZX", (0, 1)):
+            pa = src.z_basis_probability if a == "Z" else 1 - src.z_basis_probability
+            clicks = []
+            for j, (b, y, s) in enumerate(dets):
+                share = rx.z_basis_probability if b == "Z" else 1 - rx.z_basis_probability
+                route = (1 - e if y == x else e) if b == a else 0.5
+                photon = 1 - np.exp(-mu * t * share * route * s.efficiency)
+                # detector and sync jitter, the tagger's bins (two roundings)
+                sigma = np.sqrt(s.jitter_ps**2 + sim.sync_jitter_ps**2
+                                + sim.tagger_resolution_ps**2 / 6)
+                accept = norm.cdf(gate / 2 / sigma) - norm.cdf(-gate / 2 / sigma)
+                dark = 1 - np.exp(-s.dark_count_rate_hz * gate * 1e-12)  # Poisson
+                clicks.append(live[j] * (1 - (1 - dark) * (1 - accept * photon)))
+            for pattern in product((0, 1), repeat=len(dets)):
+                prob = np.prod([c if on else 1 - c for c, on in zip(clicks, pattern,
+                                                                     strict=True)])
+                on = [d for d, hit in zip(dets, pattern, strict=True) if hit]
+                if not on:
+                    continue
+                bases = {d[0] for d in on}
+                bits = {d[1] for d in on}
+                if len(bases) == 2:  # random basis, random bit
+                    results = [(bb, yy, 0.25) for bb in "ZX" for yy in (0, 1)]
+                elif len(bits) == 2:  # random bit
+                    results = [(on[0][0], yy, 0.5) for yy in (0, 1)]
+                else:
+                    results = [(on[0][0], on[0][1], 1.0)]
+                for bb, yy, w in results:
+                    if bb == a:
+                        out[a][0][k] += n * pk * pa * 0.5 * prob * w
+                        out[a][1][k] += n * pk * pa * 0.5 * prob * w * (yy != x)
+    return out
+
+
 def test_expected_statistics_of_the_bench():
-    """Passive splitter, dead time per detector (two detectors per basis)."""
+    """Passive receiver: the 16 click patterns per state, squashed, with dead time."""
     cfg = load_bench(SIM)
     m = load_keyrate_model(SIM)
     n, dist = 1e9, 50.0
+    rx = m.receiver
+    # without dead time the counts are the plain enumeration
+    no_dead = replace(m, receiver=replace(rx, detectors=tuple(
+        replace(d, dead_time_ps=0) for d in rx.detectors)))
+    s = expected_statistics(no_dead, dist, n)
+    ref = _bench_counts_by_enumeration(cfg, n, dist, [1.0] * 4)
+    for got, want in ((s.n_key, ref["Z"][0]), (s.m_key, ref["Z"][1]), (s.n_test, ref["X"][0]),
+                      (s.m_test, ref["X"][1])):
+        np.testing.assert_allclose(got, want, rtol=1e-8)
+    # dead time: a click registers unless the detector clicked within the last D - 1
+    # pulses (D = 50); at the 50th pulse, when the jitter of the two clicks (and the
+    # tagger's whole picoseconds) put it at least the dead time after the first.
+    # Dark counts (1.5e-6 of the load) are left out here, hence rtol 1e-5.
+    period = cfg.source.period_ps * (1 + cfg.sim.clock_drift_ppm * 1e-6)
+    sig = np.sqrt(2) * 30.0
+    v = (np.arange(2000) + 0.5) / 2000  # the tagger's rounding, uniform in [0, 1) ps
+    open_50 = float(np.mean(norm.sf((50_000 - 50 * period - v) / sig)))
+    assert 0.49 < open_50 < 0.52
     s = expected_statistics(m, dist, n)
-    eta = m.eta_bob * 10 ** (-cfg.sim.fiber_attenuation_db_per_km * dist / 10)
+    ts = no_dead.channel_transmittance(dist) * rx.transmittance
     mus = np.array(cfg.source.mean_photon_numbers)
     ps = np.array(cfg.source.intensity_probabilities)
-    pdc, e_mis = m.dark_count_probability, cfg.sim.misalignment
-    ft = cfg.source.rep_rate_hz * m.dead_time_ns * 1e-9
-    pa_z, pb_z = cfg.source.z_basis_probability, cfg.receiver.z_basis_probability
-    for pa, pb, counts, errors in ((pa_z, pb_z, s.n_key, s.m_key),
-                                   (1 - pa_z, 1 - pb_z, s.n_test, s.m_test)):
-        clicks = 1 - (1 - 2 * pdc) * np.exp(-eta * mus * pb)
-        live = 1 / (1 + ft * np.sum(ps * clicks) / 2)
-        assert 0.5 < live <= 1.0
-        np.testing.assert_allclose(counts, n * ps * pa * clicks * live, rtol=1e-12)
-        err = pdc + e_mis * (1 - np.exp(-eta * mus * pb))
-        np.testing.assert_allclose(errors, n * ps * pa * err * live, rtol=1e-12)
+    pa, pb = cfg.source.z_basis_probability, cfg.receiver.z_basis_probability
+    e = cfg.sim.misalignment
+    live = []
+    for d in rx.detectors:
+        share = pb if d.basis == 0 else 1 - pb
+        load = 0.0
+        for a, x in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            route = (1 - e if d.bit == x else e) if d.basis == a else 0.5
+            w = (pa if a == 0 else 1 - pa) * 0.5
+            load += w * np.sum(ps * (1 - np.exp(-mus * ts * share * route * d.efficiency)))
+        live.append(1 / (1 + load * (49 + 1 - open_50)))
+    assert 0.8 < min(live) and max(live) < 0.96  # Z and X detectors
+    ref = _bench_counts_by_enumeration(cfg, n, dist, live)
+    for got, want in ((s.n_key, ref["Z"][0]), (s.m_key, ref["Z"][1]), (s.n_test, ref["X"][0]),
+                      (s.m_test, ref["X"][1])):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- the optimised curve
