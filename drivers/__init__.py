@@ -12,6 +12,7 @@ from qkdctl.errors import ConfigError
 
 from .base import (
     ROLES,
+    STATIC,
     Identity,
     Instrument,
     Laser,
@@ -32,6 +33,7 @@ from .mock import (
 __all__ = [
     "DRIVERS",
     "ROLES",
+    "STATIC",
     "Identity",
     "Instrument",
     "Laser",
@@ -48,12 +50,18 @@ __all__ = [
     "driver_class",
 ]
 
+from .idq_id120 import IdqId120  # noqa: E402
+from .passive import PassiveDetectors  # noqa: E402
+from .single_quantum import SingleQuantumSnspd  # noqa: E402
 from .thorlabs_ld import CLD1015, ITC4000  # noqa: E402
 
 DRIVERS: dict[str, dict[str, type[Instrument]]] = {
     "mock": dict(MOCK_DRIVERS),
     "thorlabs-itc4000": {"laser": ITC4000},
     "thorlabs-cld1015": {"laser": CLD1015},
+    "idq-id120": {"detectors": IdqId120},
+    "single-quantum": {"detectors": SingleQuantumSnspd},
+    "passive": {"detectors": PassiveDetectors},
 }
 """Driver name (``[instruments.<role>] driver = ...``) -> role -> driver class."""
 

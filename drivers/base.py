@@ -48,6 +48,7 @@ from qkdctl.errors import ConfigError, InstrumentError, LimitError
 
 __all__ = [
     "ROLES",
+    "STATIC",
     "Identity",
     "Instrument",
     "Laser",
@@ -58,6 +59,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+STATIC = "(read when the instrument is built)"
+"""``SETTINGS`` value of a setting that configures the driver rather than the device
+(a channel map, a calibration curve): it is read when the instrument is built and
+never sent to the instrument."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,8 @@ class Instrument(ABC):
             self._apply_setting(key, value)
 
     def _apply_setting(self, key: str, value: Any) -> None:
+        if self.SETTINGS[key] == STATIC:
+            return
         getattr(self, self.SETTINGS[key])(value)
 
     # -- connection -----------------------------------------------------------------------

@@ -37,18 +37,21 @@ def list_instruments(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _read_only_bench(cfg: BenchConfig, seed: int):
-    """The bench's instruments, built without their settings (nothing is applied)."""
+    """The bench's instruments, built with only the settings that configure the driver
+    (channel maps, calibration curves: ``STATIC``), so that connecting applies nothing."""
+    from .drivers import STATIC
     from .session import build_bench
 
+    def static_only(name, inst):
+        if inst.driver == "mock":
+            return {}
+        cls = driver_class(inst.driver, name)
+        return {k: v for k, v in inst.settings.items() if cls.SETTINGS.get(k) == STATIC}
+
     bare = dataclasses.replace(cfg, instruments={
-        n: dataclasses.replace(i, settings={}) for n, i in cfg.instruments.items()})
-    try:
-        return build_bench(bare, seed)
-    except QkdctlError:
-        # a driver that needs its settings to be built at all: build each with them
-        for name, inst in cfg.instruments.items():
-            driver_class(inst.driver, name)
-        return build_bench(cfg, seed)
+        n: dataclasses.replace(i, settings=static_only(n, i))
+        for n, i in cfg.instruments.items()})
+    return build_bench(bare, seed)
 
 
 def _each(cfg: BenchConfig, what: str, seed: int = 0) -> dict[str, Any]:
