@@ -51,8 +51,11 @@ __all__ = [
 ]
 
 from .idq_id120 import IdqId120  # noqa: E402
+from .idq_tagger import IdqTimeController  # noqa: E402
 from .passive import PassiveDetectors  # noqa: E402
+from .picoquant import HydraHarp400, MultiHarp150  # noqa: E402
 from .single_quantum import SingleQuantumSnspd  # noqa: E402
+from .swabian import SwabianTimeTagger  # noqa: E402
 from .thorlabs_ld import CLD1015, ITC4000  # noqa: E402
 
 DRIVERS: dict[str, dict[str, type[Instrument]]] = {
@@ -62,6 +65,11 @@ DRIVERS: dict[str, dict[str, type[Instrument]]] = {
     "idq-id120": {"detectors": IdqId120},
     "single-quantum": {"detectors": SingleQuantumSnspd},
     "passive": {"detectors": PassiveDetectors},
+    "swabian": {"tagger": SwabianTimeTagger},
+    "idq-id900": {"tagger": IdqTimeController},
+    "idq-id1000": {"tagger": IdqTimeController},
+    "picoquant-hydraharp": {"tagger": HydraHarp400},
+    "picoquant-multiharp": {"tagger": MultiHarp150},
 }
 """Driver name (``[instruments.<role>] driver = ...``) -> role -> driver class."""
 

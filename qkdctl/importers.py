@@ -35,6 +35,9 @@ tests against decoding the whole file in one call:
   all-zero bits is appended to each chunk: in every supported record type it
   is an ordinary event with time field 0, so its decoded time *is* the
   chunk's final overflow count. The carry is added to the next chunk.
+  :class:`PtuRecordDecoder` does this (and the sync events below) for any
+  source of raw records: the PTU reader's chunks, and the FIFO reads of the
+  PicoQuant time-tagger drivers.
 - *HydraHarp / TimeHarp 260 / MultiHarp / PicoHarp 330 T2 sync events.* These
   record types mark a sync event as "special bit set, channel field 0";
   ptufile decodes it as a photon on channel 0, the same number as a photon on
@@ -114,6 +117,7 @@ __all__ = [
     "PTU_T2_SYNC_CHANNEL",
     "PhotonHdf5Source",
     "PtuPhotons",
+    "PtuRecordDecoder",
     "PtuSource",
     "open_tag_file",
 ]
@@ -157,6 +161,99 @@ class PtuPhotons(NamedTuple):
     dtime: np.ndarray | None
     channels: np.ndarray
     first_record: int
+
+
+class _RecordHeader:
+    """The two header facts ``ptufile.PtuFile.decode_records`` reads: record type and mode.
+
+    It stands in for a ``PtuFile`` when records come from elsewhere than a file
+    (ptufile 2026.2.6 reads nothing else there). :class:`PtuRecordDecoder` checks
+    the decoding of an all-zero record with it, and the PicoQuant driver tests
+    compare its decoding of a real file's records with :class:`PtuSource`'s.
+    """
+
+    def __init__(self, record_type: int):
+        mode = (record_type >> 8) & 0xFF
+        self.tags = {"TTResultFormat_TTTRRecType": record_type, "Measurement_Mode": mode}
+        self.is_t3 = mode == 3
+
+
+class PtuRecordDecoder:
+    """Decodes successive chunks of raw 32-bit PicoQuant TTTR records of one record type.
+
+    This is the decoder of :class:`PtuSource`, usable on records that do not come
+    from a file (the FIFO of a HydraHarp or MultiHarp, read by
+    :mod:`qkdctl.drivers.picoquant`). The records are decoded by ptufile; the
+    decoder adds what ptufile lacks (see the module docstring): the overflow count
+    carried from one chunk to the next (:attr:`carry`), and HydraHarp-family T2
+    sync events told apart from photons on input 0 (channel
+    :data:`PTU_T2_SYNC_CHANNEL`).
+
+    ``decode`` is the ptufile call that decodes one array of records (a
+    ``PtuFile``'s ``decode_records``); by default one is made for
+    ``record_type`` alone. Chunks must be given in order; a chunk may end
+    anywhere, even between an overflow record and the events it applies to.
+    Decoding errors of ptufile (``ValueError``, ``NotImplementedError``) pass
+    through for the caller to report.
+    """
+
+    def __init__(self, record_type: int,
+                 decode: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.record_type = int(record_type)
+        mode = (self.record_type >> 8) & 0xFF
+        if mode not in (2, 3):
+            raise ValueError(f"record type 0x{self.record_type:08x} is not a T2 or T3 type")
+        self.t3 = mode == 3
+        self.sync_events = self.record_type in _PTU_T2_WITH_SYNC
+        if decode is None:
+            try:
+                ptufile.PtuRecordType(self.record_type)
+            except ValueError:
+                raise ValueError(f"record type 0x{self.record_type:08x} is not supported "
+                                 "by ptufile") from None
+            header = _RecordHeader(self.record_type)
+
+            def decode(records: np.ndarray) -> np.ndarray:
+                return ptufile.PtuFile.decode_records(header, records)
+
+            probe = decode(np.zeros(1, np.uint32))
+            if int(probe["time"][0]) != 0:
+                raise ValueError(f"record type 0x{self.record_type:08x}: unexpected "
+                                 "decoding by this ptufile version")
+        self._decode = decode
+        #: overflow count (in time units) carried into the next chunk
+        self.carry = 0
+
+    def decode(self, records: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Decode the next chunk of records (uint32, little-endian as the hardware gives).
+
+        Returns ``(time, channel, marker, dtime)`` per record: ``time`` int64 (T2:
+        ticks, T3: sync number; absolute, earlier chunks' overflows included);
+        ``channel`` < 0 for overflows and markers; ``dtime`` None for T2.
+        """
+        buf = np.zeros(records.shape[0] + 1, np.uint32)
+        buf[:-1] = records
+        return self.decode_padded(buf)
+
+    def decode_padded(self, buf: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Like :meth:`decode` for ``buf`` = the chunk's records followed by one zero word.
+
+        The zero word is the carry probe: an all-zero record is an ordinary event at
+        time 0 in every supported type, so its decoded time is the chunk's final
+        overflow count. Reading records into such a buffer saves a copy.
+        """
+        m = buf.shape[0] - 1
+        dec = self._decode(buf)
+        time = dec["time"].astype(np.int64)
+        if self.carry:
+            time += self.carry
+        self.carry = int(time[m])
+        ch = dec["channel"][:m].copy()
+        if self.sync_events:
+            ch[(buf[:m] >> np.uint32(25)) == np.uint32(0x40)] = PTU_T2_SYNC_CHANNEL
+        return time[:m], ch, dec["marker"][:m], dec["dtime"][:m] if self.t3 else None
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -492,8 +589,7 @@ class PtuSource(TagSource):
         chunk = self.chunk_records if chunk_records is None else _check_size(
             "chunk_records", chunk_records)
         n_total = self.n_records
-        carry = 0
-        t3 = self.mode == "T3"
+        decoder = PtuRecordDecoder(self.record_type_code, self._ptu.decode_records)
         try:
             fh = open(self.path, "rb")  # one handle per stream: streams may run in threads
         except OSError as e:
@@ -514,19 +610,11 @@ class PtuSource(TagSource):
                 if sys.byteorder == "big":  # pragma: no cover - records are little-endian
                     buf.byteswap(inplace=True)
                 try:
-                    dec = self._ptu.decode_records(buf)
+                    time, ch, marker, dtime = decoder.decode_padded(buf)
                 except (ValueError, NotImplementedError) as e:
                     raise DataError(f"{self.path}: cannot decode records {start}..{start + m} "
                                     f"({_one_line(e)})") from None
-                time = dec["time"].astype(np.int64)
-                if carry:
-                    time += carry
-                carry = int(time[m])
-                ch = dec["channel"][:m].copy()
-                if self._sync_events:
-                    ch[(buf[:m] >> np.uint32(25)) == np.uint32(0x40)] = PTU_T2_SYNC_CHANNEL
-                yield (start, time[:m], ch, dec["marker"][:m],
-                       dec["dtime"][:m] if t3 else None)
+                yield start, time, ch, marker, dtime
 
     def photons(self, chunk_records: int | None = None) -> Iterator[PtuPhotons]:
         """The photon records (and T2 sync events), in file order, one chunk at a time.
