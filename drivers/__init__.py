@@ -50,18 +50,24 @@ __all__ = [
     "driver_class",
 ]
 
+from .elliptec import ELL14  # noqa: E402
 from .idq_id120 import IdqId120  # noqa: E402
 from .idq_tagger import IdqTimeController  # noqa: E402
+from .keysight_awg import KeysightAWG  # noqa: E402
 from .passive import PassiveDetectors  # noqa: E402
 from .picoquant import HydraHarp400, MultiHarp150  # noqa: E402
 from .single_quantum import SingleQuantumSnspd  # noqa: E402
 from .swabian import SwabianTimeTagger  # noqa: E402
 from .thorlabs_ld import CLD1015, ITC4000  # noqa: E402
+from .thorlabs_mpc320 import MPC320  # noqa: E402
 
 DRIVERS: dict[str, dict[str, type[Instrument]]] = {
     "mock": dict(MOCK_DRIVERS),
     "thorlabs-itc4000": {"laser": ITC4000},
     "thorlabs-cld1015": {"laser": CLD1015},
+    "keysight-33500": {"modulator": KeysightAWG},
+    "thorlabs-ell14": {"polarization": ELL14},
+    "thorlabs-mpc320": {"polarization": MPC320},
     "idq-id120": {"detectors": IdqId120},
     "single-quantum": {"detectors": SingleQuantumSnspd},
     "passive": {"detectors": PassiveDetectors},

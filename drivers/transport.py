@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import termios
 import threading
 import time
 from typing import Any
@@ -316,7 +317,7 @@ class SerialLink(Link):
             if self._port is not None:
                 try:
                     self._port.reset_input_buffer()
-                except (serial.SerialException, OSError):
+                except (serial.SerialException, OSError, termios.error):
                     pass
 
     def write_bytes(self, data: bytes, *, command: str = "write") -> None:
@@ -330,7 +331,7 @@ class SerialLink(Link):
             except serial.SerialTimeoutException:
                 raise self.fail(command, f"write not accepted within {self.timeout_s:g} s") \
                     from None
-            except (serial.SerialException, OSError) as e:
+            except (serial.SerialException, OSError, termios.error) as e:
                 raise self.fail(command, f"link lost: {e}") from None
 
     def read_exact(self, n: int, *, command: str = "read") -> bytes:
@@ -340,7 +341,7 @@ class SerialLink(Link):
             self._require(command)
             try:
                 data = self._port.read(n)
-            except (serial.SerialException, OSError) as e:
+            except (serial.SerialException, OSError, termios.error) as e:
                 raise self.fail(command, f"link lost: {e}") from None
             if len(data) < n:
                 if data:
@@ -357,7 +358,7 @@ class SerialLink(Link):
             self._require(command)
             try:
                 data = self._port.read_until(terminator, max_bytes)
-            except (serial.SerialException, OSError) as e:
+            except (serial.SerialException, OSError, termios.error) as e:
                 raise self.fail(command, f"link lost: {e}") from None
             if not data.endswith(terminator):
                 if data:
@@ -517,7 +518,7 @@ def link_kind(resource: str, kind: str | None = None) -> str:
     r = resource.strip()
     if r.upper().startswith(_VISA_PREFIXES) and "::" in r:
         return "visa"
-    if r.startswith(("socket://", "loop://", "rfc2217://", "/dev/", "spy://")) or \
+    if r.startswith(("socket://", "loop://", "rfc2217://", "/", "spy://")) or \
             r.upper().startswith("COM"):
         return "serial"
     return "tcp"

@@ -36,7 +36,7 @@ from .errors import ConfigError, QkdctlError
 from .postprocess.stream import KeyDistillation
 from .protocol import AliceRole, BobRole, load_psk, open_channels
 from .recording import Recorder
-from .sequence import AliceSequence
+from .sequence import MODE_PATTERN, AliceSequence
 from .sifting import SiftParams
 from .summary import RunTally, build_summary
 
@@ -311,6 +311,16 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
                     record, cfg, seed, sequence, instruments=_instrument_record(bench),
                     flush_interval_s=flush_interval_s, compression=compression,
                     overwrite=overwrite))
+            if hasattr(mod, "load_pattern"):
+                # a pattern generator plays Alice's pattern at the pulse rate (a simulated
+                # encoder reads the sequence itself)
+                if sequence.mode != MODE_PATTERN:
+                    raise ConfigError(f"{cfg.path}: source.sequence: the modulator "
+                                      f"({cfg.instruments['modulator'].driver}) plays a "
+                                      "repeating pattern: set sequence = \"pattern\"")
+                mod.load_pattern(sequence.pattern)
+                if hasattr(mod, "set_pulse_rate_hz"):
+                    mod.set_pulse_rate_hz(cfg.source.rep_rate_hz)
             det_inst.bias_on()
             laser.output_on()
             mod.start()

@@ -57,7 +57,10 @@ class LineServer:
                 self.received.append(line)
                 r = self.reply(line)
                 if r is not None:
-                    c.sendall(r)
+                    try:
+                        c.sendall(r)
+                    except OSError:  # the test dropped this client
+                        return
 
     def drop_clients(self):
         for c in self.conns:
