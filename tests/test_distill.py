@@ -315,3 +315,31 @@ def test_wegman_carter_needs_key(tmp_path):
     with pytest.raises(PadExhaustedError):
         run_session(bench(auth="wegman-carter"), duration_s=0.05, seed=7,
                     keystore=tmp_path / "empty")
+
+
+def test_small_honest_blocks_raise_no_alarm():
+    """Blocks far too short for the finite-key bound give no key, and no alarm: the
+    point estimates must fail by 5 sigma before they count as an attack."""
+    s = run_session(bench(block_bits=4096, min_block_bits=1024), duration_s=0.05, seed=2,
+                    keystore=False)
+    d = s["distillation"]
+    assert d["blocks_distilled"] >= 20
+    assert not s["tamper_alarm"], s["abort_reason"]
+
+
+def test_point_estimate_spread_matches_poisson():
+    """The reported sigma of s1 equals the spread of s1 over Poisson-drawn counts."""
+    from qkdctl.postprocess.distill import point_estimates
+
+    rng = np.random.default_rng(3)
+    mu, p = (0.5, 0.1, 2e-4), (0.5, 0.3, 0.2)
+    n_mean = np.array([2e5, 3e4, 40.0])
+    m_mean = n_mean * 0.01
+    s1 = []
+    for _ in range(2000):
+        n = rng.poisson(n_mean)
+        s1.append(point_estimates("bb84-decoy", mu, p, n, rng.poisson(m_mean), n,
+                                  rng.poisson(m_mean))["s1_key"])
+    pe = point_estimates("bb84-decoy", mu, p, n_mean, m_mean, n_mean, m_mean)
+    assert np.std(s1) == pytest.approx(pe["s1_key_sigma"], rel=0.08)
+    assert np.mean(s1) == pytest.approx(pe["s1_key"], abs=4 * pe["s1_key_sigma"] / 40)

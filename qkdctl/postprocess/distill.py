@@ -259,42 +259,72 @@ def _tau(n: int, mu: np.ndarray, p: np.ndarray) -> float:
     return float(np.sum(p * np.exp(-mu) * mu ** n) / math.factorial(n))
 
 
+#: standard deviations by which a point estimate must pass a threshold to raise an alarm
+ALARM_SIGMAS = 5.0
+
+
 def point_estimates(protocol: str, intensities, probabilities, n_key, m_key, n_test,
                     m_test) -> dict[str, float]:
     """Single-photon counts and phase error from the observed counts, with no
-    statistical margin (the decoy bounds' point estimates).
+    finite-key margin (the decoy bounds' point estimates), and their standard
+    deviations from the Poisson spread of the counts.
 
-    An honest channel gives ``s1 > 0`` and a phase error near the test-basis
-    QBER; a photon-number-splitting attack drives ``s1`` to zero or below. Used
-    to tell an attack from a block that is merely too short for the finite-key
-    bound.
+    The estimates are linear in the counts ``N_k = e^mu_k / p_k n_k``, so their
+    variance is ``sum_k c_k^2 (e^mu_k / p_k)^2 n_k``. An honest channel gives
+    ``s1 > 0`` and a phase error near the test-basis QBER; a photon-number-
+    splitting attack drives ``s1`` far below zero. Used to tell an attack from a
+    block that is merely too short for the finite-key bound.
     """
     mu = np.asarray(intensities, float)
     p = np.asarray(probabilities, float)
     scale = np.exp(mu) / p
+    t1 = _tau(1, mu, p)
 
-    def bounds(n, m):
-        N = scale * np.asarray(n, float)
-        M = scale * np.asarray(m, float)
-        t0, t1 = _tau(0, mu, p), _tau(1, mu, p)
+    def s1_coefficients(n, m):
+        """(coefficients on n_k, coefficients on m_k) of s1, both scaled."""
+        cn = np.zeros(len(mu))
+        cm = np.zeros(len(mu))
         if protocol == "bb84-decoy":
             m1, m2, m3 = mu
-            s0 = t0 * (m2 * N[2] - m3 * N[1]) / (m2 - m3)
-            s1 = t1 * m1 * (N[1] - N[2] - (m2 ** 2 - m3 ** 2) / m1 ** 2 * (N[0] - s0 / t0)) / (
-                m1 * (m2 - m3) - m2 ** 2 + m3 ** 2)
-            v1 = t1 * (M[1] - M[2]) / (m2 - m3)
+            k = t1 * m1 / (m1 * (m2 - m3) - m2 ** 2 + m3 ** 2)
+            a = (m2 ** 2 - m3 ** 2) / m1 ** 2
+            cn[0] = -a * k
+            cn[1] = k * (1 - a * m3 / (m2 - m3))
+            cn[2] = k * (-1 + a * m2 / (m2 - m3))
         else:
             m1, m2 = mu
-            s0 = 2.0 * t0 * M[1]
-            s1 = t1 * m1 / (m2 * (m1 - m2)) * (N[1] - m2 ** 2 / m1 ** 2 * N[0]
-                                               - (m1 ** 2 - m2 ** 2) / m1 ** 2 * s0 / t0)
-            v1 = t1 / (m1 - m2) * (M[0] - M[1])
-        return s1, v1
+            k = t1 * m1 / (m2 * (m1 - m2))
+            cn[0] = -k * m2 ** 2 / m1 ** 2
+            cn[1] = k
+            cm[1] = -k * (m1 ** 2 - m2 ** 2) / m1 ** 2 * 2.0   # s0 upper bound / tau0
+        return cn * scale, cm * scale
 
-    s1_key, _ = bounds(n_key, m_key)
-    s1_test, v1 = bounds(n_test, m_test)
+    def v1_coefficients():
+        cm = np.zeros(len(mu))
+        if protocol == "bb84-decoy":
+            cm[1], cm[2] = t1 / (mu[1] - mu[2]), -t1 / (mu[1] - mu[2])
+        else:
+            cm[0], cm[1] = t1 / (mu[0] - mu[1]), -t1 / (mu[0] - mu[1])
+        return cm * scale
+
+    def linear(cn, cm, n, m):
+        n = np.asarray(n, float)
+        m = np.asarray(m, float)
+        value = float(cn @ n + cm @ m)
+        sigma = math.sqrt(float(cn ** 2 @ n + cm ** 2 @ m))
+        return value, sigma
+
+    s1_key, s1_key_sigma = linear(*s1_coefficients(n_key, m_key), n_key, m_key)
+    s1_test, s1_test_sigma = linear(*s1_coefficients(n_test, m_test), n_test, m_test)
+    v1, v1_sigma = linear(np.zeros(len(mu)), v1_coefficients(), n_test, m_test)
     phase = v1 / s1_test if s1_test > 0 else math.inf
-    return {"s1_key": float(s1_key), "s1_test": float(s1_test), "phase_error": float(phase)}
+    # a lower confidence bound of the phase error: few errors, many single photons
+    lo_num = v1 - ALARM_SIGMAS * v1_sigma
+    lo_den = s1_test + ALARM_SIGMAS * s1_test_sigma
+    phase_low = lo_num / lo_den if lo_den > 0 and lo_num > 0 else 0.0
+    return {"s1_key": s1_key, "s1_key_sigma": s1_key_sigma, "s1_test": s1_test,
+            "s1_test_sigma": s1_test_sigma, "phase_error": float(phase),
+            "phase_error_low": float(phase_low)}
 
 
 def _qber(errors: int, n: int) -> float | None:
@@ -499,21 +529,24 @@ class BobDistiller(_Role):
 
 def _decoy_alarm(p: DistillParams, intensity, test_intensity, errors, test_errors,
                  res: BlockResult) -> str | None:
-    """An alarm when the point estimates confirm what the finite-key bound found."""
+    """An alarm when the point estimates, beyond their statistical spread
+    (:data:`ALARM_SIGMAS`), confirm what the finite-key bound found."""
     nint = len(p.intensities)
     pe = point_estimates(p.protocol, p.intensities, p.probabilities, _counts(intensity, nint),
                          errors, _counts(test_intensity, nint), test_errors)
     res.finite_key["point_estimates"] = pe
-    if pe["s1_key"] <= 0 or pe["s1_test"] <= 0:
-        q = res.ec_errors / res.key_bits if res.key_bits else 0.0
-        return ("decoy analysis: the single-photon yield collapses (point estimate "
-                f"s1 = {pe['s1_key']:.4g}) while the QBER stays at {100 * q:.2f} %: the "
-                "decoy pulses are not detected as the channel loss predicts (a "
-                "photon-number-splitting attack)")
-    if pe["phase_error"] >= p.phase_error_tolerance:
-        return (f"decoy analysis: the single-photon phase error "
-                f"{100 * pe['phase_error']:.2f} % exceeds the tolerance "
-                f"{100 * p.phase_error_tolerance:.2f} %")
+    for basis in ("key", "test"):
+        s1, sigma = pe[f"s1_{basis}"], pe[f"s1_{basis}_sigma"]
+        if s1 + ALARM_SIGMAS * sigma < 0:
+            q = res.ec_errors / res.key_bits if res.key_bits else 0.0
+            return (f"decoy analysis: the single-photon yield collapses (point estimate "
+                    f"s1 = {s1:.4g} +- {sigma:.2g} in the {basis} basis) while the QBER "
+                    f"stays at {100 * q:.2f} %: the decoy pulses are not detected as the "
+                    "channel loss predicts (a photon-number-splitting attack)")
+    if pe["phase_error_low"] >= p.phase_error_tolerance:
+        return (f"decoy analysis: the single-photon phase error is at least "
+                f"{100 * pe['phase_error_low']:.2f} % ({ALARM_SIGMAS:g} sigma), above the "
+                f"tolerance {100 * p.phase_error_tolerance:.2f} %")
     return None
 
 
