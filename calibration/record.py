@@ -149,32 +149,36 @@ class CalibrationRecord:
         self.sections[section] = data
 
     def apply(self, cfg: BenchConfig) -> BenchConfig:
-        """The bench configuration with the calibrated delays, gate and angles."""
+        """The bench configuration with the calibrated delays, gate and angles.
+
+        The change is made to the bench file's parsed document too (``cfg.raw``),
+        so that a recording of the run rebuilds the calibrated configuration.
+        """
+        import copy
+
+        from qkdctl.config import parse_bench
+
         where = self.path or "calibration record"
         if self.bench != cfg.name:
             raise ConfigError(f"{where}: calibration.bench: this record is for bench "
                               f"{self.bench!r}, not {cfg.name!r}")
-        out = cfg
+        raw = copy.deepcopy(cfg.raw)
         d = self.sections.get("delays")
         if d:
             chans = d.get("channels", {})
-            dets = []
-            for det in cfg.receiver.detectors:
-                c = chans.get(str(det.channel))
-                dets.append(dataclasses.replace(det, delay_ps=int(round(c["delay_ps"])))
-                            if c and "delay_ps" in c else det)
-            out = dataclasses.replace(out, receiver=dataclasses.replace(
-                out.receiver, detectors=tuple(dets)))
+            for det in raw.get("receiver", {}).get("detectors", []):
+                c = chans.get(str(det.get("channel")))
+                if c and "delay_ps" in c:
+                    det["delay_ps"] = int(round(c["delay_ps"]))
             if "gate_width_ps" in d:
-                out = out.with_analysis(gate_width_ps=float(d["gate_width_ps"]))
+                raw.setdefault("analysis", {})["gate_width_ps"] = float(d["gate_width_ps"])
         pol = self.sections.get("polarization")
-        if pol and "angles_deg" in pol and "polarization" in cfg.instruments:
-            inst = cfg.instruments["polarization"]
-            settings = dict(inst.settings, angles_deg=list(pol["angles_deg"]))
-            out = dataclasses.replace(out, instruments={
-                **out.instruments,
-                "polarization": dataclasses.replace(inst, settings=settings)})
-        return out
+        if pol and "angles_deg" in pol and "polarization" in raw.get("instruments", {}):
+            inst = raw["instruments"]["polarization"]
+            inst["settings"] = dict(inst.get("settings", {}), angles_deg=list(pol["angles_deg"]))
+        out = parse_bench(raw, cfg.path, cfg.text)
+        return dataclasses.replace(out, calibration_path=self.path,
+                                   calibration_text=self.text())
 
 
 def _plain(x: Any) -> Any:

@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .session import run_session
     from .summary import format_summary
 
-    cfg = load_bench(args.config)
+    cfg = _calibrated(load_bench(args.config), args)
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     try:
         summary = run_session(cfg, duration_s=args.duration, seed=args.seed,
@@ -93,6 +93,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return _exit_status(summary)
+
+
+def _calibrated(cfg, args: argparse.Namespace):
+    """The bench with its calibration record applied: ``--calibration FILE``, else the
+    record beside the bench file if there is one (``--no-calibration``: none)."""
+    from .calibration.record import CalibrationRecord, default_record_path
+
+    if args.no_calibration:
+        return cfg
+    path = args.calibration or default_record_path(cfg)
+    if args.calibration is None and not os.path.exists(path):
+        return cfg
+    record = CalibrationRecord.load(path)
+    logging.getLogger("qkdctl").info("using the calibration record %s", path)
+    return record.apply(cfg)
 
 
 def _exit_status(summary: dict[str, Any]) -> int:
@@ -187,6 +202,59 @@ def cmd_instruments(args: argparse.Namespace) -> int:
     return 0 if all(e["ok"] for e in out["instruments"].values()) else 2
 
 
+CALIBRATIONS = ("delays", "polarization", "detectors")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration.record import CalibrationRecord, default_record_path
+    from .session import new_seed
+
+    cfg = load_bench(args.config)
+    path = args.write or default_record_path(cfg)
+    record = CalibrationRecord.load_or_new(path, cfg.name)
+    seed = new_seed() if args.seed is None else args.seed
+    steps = CALIBRATIONS if args.what == "all" else (args.what,)
+    results: dict[str, Any] = {}
+    for step in steps:
+        # each step runs on the bench as calibrated so far (polarization needs the delays)
+        current = record.apply(cfg) if record.sections else cfg
+        plot_dir = None
+        if args.plot:
+            plot_dir = os.path.join(args.plot, step)
+            os.makedirs(plot_dir, exist_ok=True)
+        if step == "delays":
+            from .calibration.delays import calibrate_delays as fn
+        elif step == "polarization":
+            from .calibration.polarization import calibrate_polarization as fn
+        else:
+            from .calibration.detectors import calibrate_detectors as fn
+        res = fn(current, seed=seed, plot_dir=plot_dir)
+        record.update(step, res.section())
+        results[step] = res.to_dict()
+        record.save(path)
+    out = {"bench": cfg.name, "record": str(path), "seed": seed, **results}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{cfg.name}: calibration record {path} (seed {seed})")
+        for step in steps:
+            print(f"  [{step}]")
+            for line in _flat(record.sections[step]):
+                print(f"    {line}")
+    return 0
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[str]:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.extend(_flat(v, f"{prefix}{k}."))
+        else:
+            lines.append(f"{prefix}{k} = {v:.6g}" if isinstance(v, float)
+                         else f"{prefix}{k} = {v}")
+    return lines
+
+
 def _unit(text: str) -> float:
     try:
         v = float(text)
@@ -266,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sifted-digest", action="store_true",
                    help="add the SHA-256 of the sifted key to the summary (to compare runs "
                         "and replays; privacy amplification then subtracts its 256 bits)")
+    r.add_argument("--calibration", metavar="FILE",
+                   help="calibration record to apply (default: <bench>.calibration.toml "
+                        "beside the bench file, if there is one)")
+    r.add_argument("--no-calibration", action="store_true",
+                   help="run with the bench file's own delays, gate and angles")
     r.set_defaults(func=cmd_run)
 
     unit_help = ("timestamp unit in seconds for a Photon-HDF5 file that does not give one "
@@ -321,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bench file (TOML); default: the built-in simulated bench")
     ins.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ins.set_defaults(func=cmd_instruments)
+
+    cal = sub.add_parser("calibrate", help="calibrate the bench: delays, polarization, "
+                                           "detectors, or all of them in order",
+                         description="Find the channel delays and clock, align the "
+                                     "polarization, characterize the detectors; the results "
+                                     "go to the calibration record that qkdctl run uses.")
+    cal.add_argument("what", choices=(*CALIBRATIONS, "all"))
+    cal.add_argument("--config", metavar="FILE",
+                     help="bench file (TOML); default: the built-in simulated bench")
+    cal.add_argument("--write", metavar="FILE",
+                     help="calibration record to update (default: <bench>.calibration.toml "
+                          "beside the bench file)")
+    cal.add_argument("--seed", type=_seed, default=None, metavar="N",
+                     help="random seed of the simulated bench's acquisitions")
+    cal.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR/<step>/")
+    cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    cal.set_defaults(func=cmd_calibrate)
 
     from .keyrate import register as register_keyrate
 

@@ -281,6 +281,9 @@ class BenchConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: the file's text, when it came from a file
     text: str | None = field(default=None, repr=False, compare=False)
+    #: the calibration record applied to this configuration (its path and text), if any
+    calibration_path: str | None = field(default=None, repr=False, compare=False)
+    calibration_text: str | None = field(default=None, repr=False, compare=False)
 
     def with_analysis(self, **changes: Any) -> BenchConfig:
         return replace(self, analysis=replace(self.analysis, **changes))

@@ -14,7 +14,8 @@ Layout (Photon-HDF5 0.5, plus what QKD needs under ``/user/qkd``)::
     /user/qkd/seed                    the run's seed
     /user/qkd/alice/{mode,key,z_thr,cum_thr,pattern}   Alice's sequence, exactly
     /user/qkd/instruments_json        identities, settings and status at start
-    /user/qkd/calibration_json        delays and gate used by the run
+    /user/qkd/calibration_json        delays and gate used by the run, and the calibration
+                                      record applied (its path and TOML text)
     /user/qkd/start_time, software_version
     /user/qkd/state                   int64[4]: tags, pulses sent, complete flag, blocks
     /user/qkd/summary_json            the live run's summary (written at the end)
@@ -246,6 +247,9 @@ class _H5Writer:
         calib = {} if cfg is None else {
             "delays_ps": {str(d.channel): d.delay_ps for d in cfg.receiver.detectors},
             "gate_width_ps": cfg.analysis.gate_width_ps}
+        if cfg is not None and cfg.calibration_text is not None:
+            calib["record_path"] = cfg.calibration_path
+            calib["record"] = cfg.calibration_text
         q.create_dataset("calibration_json", data=_dumps(calib))
         q.create_dataset("start_time", data=now)
         q.create_dataset("software_version", data=__version__)

@@ -137,6 +137,7 @@ def _replay_recording(path, src, cfg, pipe, start_ps, stop_ps, block_tags, progr
                            source=f"replay of {path}")
     summary["recording"] = path
     summary["recording_complete"] = src.complete
+    summary["calibration_record"] = (src.calibration or {}).get("record_path")
     if not full:
         summary["time_range_s"] = [start_s, stop_s]
     return summary

@@ -224,6 +224,7 @@ class SiftingPipeline:
                           sequence=self.sequence, pulses_sent=pulses_sent,
                           duration_s=duration_s, wall_s=wall_s, interrupted=interrupted,
                           sifted_bits=self.sifted_bits, source=source)
+        s["calibration_record"] = self.cfg.calibration_path
         if self.distill is not None:
             self.distill.wait()
             s["distillation"] = d = self.distill.summary(duration_s)
