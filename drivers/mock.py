@@ -3,11 +3,14 @@
 The mock drivers implement the interfaces of :mod:`qkdctl.drivers.base` on one
 shared :class:`~qkdctl.sim.table.OpticalTable`, the physical state of the
 simulated bench: the laser's current and output set the mean photon number,
-the polarization controller's rotation adds misalignment, the detectors' bias,
-efficiency and dead time change their clicks, and the time tagger runs the
-numba tag generator (:class:`~qkdctl.sim.engine.TagGenerator`) on the table.
+the modulator's rotation adds misalignment, the polarization controller turns
+Bob's compensation waveplates (against the fiber's polarization
+transformation), the detectors' bias, efficiency and dead time change their
+clicks, and the time tagger runs the numba tag generator
+(:class:`~qkdctl.sim.engine.TagGenerator`) on the table.
 
-Build a whole bench with :func:`build_mock_bench`. It powers the simulated
+Build a whole bench with :func:`build_mock_bench`; the polarization controller
+(``[instruments.polarization] driver = "mock"``) is optional. It powers the simulated
 bench up the way a lab bench powers up: laser output off, detectors biased
 down, encoder and tagger stopped. A working acquisition is therefore::
 
@@ -48,6 +51,7 @@ from .base import (
     Identity,
     Instrument,
     Laser,
+    PolarizationController,
     PolarizationModulator,
     SinglePhotonDetector,
     TimeTagger,
@@ -57,6 +61,7 @@ __all__ = [
     "MOCK_DRIVERS",
     "MockDetectors",
     "MockLaser",
+    "MockPolarizationController",
     "MockPolarizationModulator",
     "MockTimeTagger",
     "build_mock_bench",
@@ -135,11 +140,13 @@ class MockLaser(_MockMixin, Laser):
 
 
 class MockPolarizationModulator(_MockMixin, PolarizationModulator):
-    """Alice's encoder and the polarization controller of the simulated table.
+    """Alice's encoder on the simulated table.
 
     The rotation adds a misalignment ``sin^2(rotation)`` (combined with the
     table's intrinsic misalignment, see
-    :attr:`~qkdctl.sim.table.OpticalTable.effective_misalignment`).
+    :attr:`~qkdctl.sim.table.OpticalTable.effective_misalignment`): an error of
+    Alice's states, which Bob's polarization compensation
+    (:class:`MockPolarizationController`) cannot undo.
     """
 
     def __init__(self, table: OpticalTable, name: str = "modulator", **kwargs: Any):
@@ -163,6 +170,51 @@ class MockPolarizationModulator(_MockMixin, PolarizationModulator):
         return {"running": self._running,
                 "rotation_rad": self.table.polarization_rotation_rad,
                 "effective_misalignment": self.table.effective_misalignment}
+
+
+class MockPolarizationController(_MockMixin, PolarizationController):
+    """Bob's polarization compensation on the simulated table: one motorized rotation
+    mount per waveplate of the table (by default QWP, HWP, QWP, the light passing
+    axis 0 first).
+
+    An axis's angle is its waveplate's mount angle
+    (:attr:`~qkdctl.sim.table.OpticalTable.waveplate_angles_deg`); the table's
+    ``[sim] waveplate_offsets_deg`` says where each fast axis is at the mount's
+    zero. Moves are instantaneous and take effect from the first pulse of the next
+    read. ``home()`` moves every axis to 0, where the default chain is the identity.
+    Mounts turn freely; ``min_angle_deg`` / ``max_angle_deg`` bound the moves when
+    configured.
+    """
+
+    def __init__(self, table: OpticalTable, name: str = "polarization", **kwargs: Any):
+        self.table = table
+        super().__init__(name, **kwargs)
+        angles = self.settings.get("angles_deg")
+        if angles is not None and len(angles) != self.axes:
+            self._config_fail("settings.angles_deg",
+                              f"{len(angles)} angles for {self.axes} axes (the simulated "
+                              "table's waveplates, sim.waveplate_retardances_deg)")
+
+    def _axes(self) -> int:
+        return len(self.table.waveplate_retardances_deg)
+
+    def _set_angle_deg(self, axis: int, angle_deg: float) -> None:
+        angles = list(self.table.waveplate_angles_deg)
+        angles[axis] = float(angle_deg)
+        self._table_set(waveplate_angles_deg=tuple(angles))
+
+    def _get_angle_deg(self, axis: int) -> float:
+        return float(self.table.waveplate_angles_deg[axis])
+
+    def _home(self) -> None:
+        self._table_set(waveplate_angles_deg=(0.0,) * self.axes)
+
+    def _stop(self) -> None:
+        pass
+
+    def _status(self) -> dict[str, Any]:
+        return {"angles_deg": list(self.table.waveplate_angles_deg),
+                "retardances_deg": list(self.table.waveplate_retardances_deg)}
 
 
 class MockDetectors(_MockMixin, SinglePhotonDetector):
@@ -339,6 +391,7 @@ MOCK_DRIVERS: dict[str, type[Instrument]] = {
     "modulator": MockPolarizationModulator,
     "detectors": MockDetectors,
     "tagger": MockTimeTagger,
+    "polarization": MockPolarizationController,
 }
 """Role -> mock driver class."""
 
@@ -347,7 +400,8 @@ def build_mock_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
     """The mock instruments of ``cfg.instruments`` on one simulated optical table.
 
     Keys are the instrument names of the bench file, which are their roles
-    (``laser``, ``modulator``, ``detectors``, ``tagger``); every instrument must
+    (``laser``, ``modulator``, ``detectors``, ``tagger`` and, optionally,
+    ``polarization``); every instrument must
     have ``driver = "mock"``. Each instrument gets its ``settings`` (applied when
     it connects) and ``limits``; both are checked here, so a bad key or an
     over-limit setting is a :class:`~qkdctl.errors.ConfigError` naming the file

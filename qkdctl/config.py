@@ -253,6 +253,20 @@ class SimConfig:
     detectors: tuple[SimDetector, ...] = _spec("simulated detectors", default=())
     eavesdropper: EavesdropperConfig = _spec("an eavesdropper on the channel",
                                              default_factory=EavesdropperConfig)
+    channel_rotation_deg: tuple[float, ...] | None = _spec(
+        "polarization transformation of the fiber, as Euler angles [a, b, c] on the "
+        "Poincare sphere: rotations about S1 by a, about S2 by b, about S1 by c (default: "
+        "none)", lo=-720.0, hi=720.0, default=None)
+    polarization_seed: int | None = _spec(
+        "draw the fiber's polarization transformation uniformly at random from this seed "
+        "(instead of channel_rotation_deg)", lo=0, hi=2**63 - 1, default=None)
+    waveplate_retardances_deg: tuple[float, ...] = _spec(
+        "retardance of each waveplate of Bob's polarization compensation (the mock "
+        "polarization controller's axes), in the order the light passes them",
+        lo=0.0, hi=360.0, default=(90.0, 180.0, 90.0))
+    waveplate_offsets_deg: tuple[float, ...] = _spec(
+        "angle of each waveplate's fast axis from H when its mount reads 0", lo=-180.0,
+        hi=180.0, default=(0.0, 0.0, 0.0))
 
     @property
     def channel_transmittance(self) -> float:

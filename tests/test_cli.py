@@ -408,7 +408,8 @@ def test_instruments_list_identify_status(capsys):
     assert main(["instruments", "list", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["instruments"]) == {"laser", "modulator", "detectors", "tagger"}
-    assert out["drivers"]["mock"] == ["laser", "modulator", "detectors", "tagger"]
+    assert out["drivers"]["mock"] == ["laser", "modulator", "detectors", "tagger",
+                                     "polarization"]
     assert main(["instruments", "identify", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     laser = out["instruments"]["laser"]

@@ -11,10 +11,38 @@ Model (per pulse n, Alice's state: basis a, bit x, intensity class k):
   laser's power scale ``(I - I_th) / (I_cal - I_th)`` (0 when the laser is off);
 - channel transmittance ``10**(-alpha L / 10)`` and Bob's insertion loss;
 - passive basis splitter: a photon goes to Z with probability ``p_Z``;
-- in the matching basis a photon reaches the wrong detector with probability
-  ``e`` (misalignment, combined with the rotation set on the polarization
-  controller), in the other basis either detector with probability 1/2;
+- polarization (see below): a photon of Alice's state ``s`` reaches the
+  detector of outcome ``b`` of basis ``B`` with probability ``P(b | s, B)``;
+  without a polarization transformation that is ``1 - e`` for the right
+  detector of the matching basis, ``e`` for the wrong one (misalignment,
+  combined with the rotation set on the polarization modulator) and 1/2 for
+  either detector of the other basis;
 - detector efficiency ``eta_j``.
+
+Polarization. Alice's states are H, V (Z basis, bits 0, 1) and D, A (X
+basis); Bob's detectors measure the same. The fiber applies a unitary
+``U`` (a Jones matrix in SU(2), ``[sim] channel_rotation_deg`` or
+``polarization_seed``; default the identity) and Bob's compensation, a chain
+of waveplates on motorized mounts (the mock polarization controller's axes,
+by default QWP, HWP, QWP), applies ``W(angles)``. The photon reaches Bob's
+analyser in the state ``W U |s>``, and
+
+    P_U(b | s, B) = |<B_b| W U |s>|^2 = (1 + S_b . R S_s) / 2
+
+where ``S`` are the Stokes vectors of the states on the Poincare sphere
+(H = +S1, V = -S1, D = +S2, A = -S2) and ``R`` in SO(3) is the rotation of
+the sphere that ``W U`` induces. The table works with ``R`` (the product of
+the fiber's rotation and one rotation per waveplate: a waveplate of
+retardance ``delta`` whose fast axis is at ``theta`` from H turns the sphere
+by ``delta`` about ``(cos 2 theta, sin 2 theta, 0)``), which gives exactly
+0, 1/2 and 1 where the states are aligned. The intrinsic imperfection ``e``
+(the effective misalignment) acts as a depolarizing-like flip on top:
+
+    P(b | s, B) = (1 - e) P_U + e (1 - P_U)
+
+When ``W U`` is exactly the identity (no fiber transformation, waveplates at
+their neutral position) the table uses the scalar routes above as they are,
+so that such a bench gives the scalar model's numbers to the last bit.
 
 A coherent state split by linear optics is a product of coherent states, so
 detector j receives a Poisson number of photons of mean ``m_j`` independently of
@@ -34,7 +62,8 @@ from ..errors import ConfigError
 from ..sequence import BASIS_X, BASIS_Z, AliceSequence
 
 __all__ = ["EVE_INTERCEPT_RESEND", "EVE_NONE", "EVE_PNS", "DetectorState", "EveTables",
-           "OpticalTable"]
+           "OpticalTable", "euler_rotation", "random_rotation", "retarder_rotation",
+           "waveplate_rotation"]
 
 EVE_NONE = 0
 EVE_INTERCEPT_RESEND = 1
@@ -43,6 +72,72 @@ _EVE_ATTACKS = {"none": EVE_NONE, "intercept-resend": EVE_INTERCEPT_RESEND, "pns
 #: photon numbers modelled exactly in the photon-number-splitting attack (the
 #: Poisson tail beyond is below 1e-30 for every allowed mean photon number <= 10)
 PNS_MAX_PHOTONS = 64
+
+
+# ------------------------------------------------------------------ polarization optics
+def _cos_sin_deg(angle_deg: float) -> tuple[float, float]:
+    """``cos`` and ``sin`` of an angle in degrees, exact at multiples of 90 degrees."""
+    q, r = divmod(float(angle_deg), 90.0)
+    if r == 0.0:
+        return ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))[int(q) % 4]
+    a = math.radians(angle_deg)
+    return math.cos(a), math.sin(a)
+
+
+def _axis_rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotation of the Poincare sphere by ``angle_deg`` about the unit vector ``axis``
+    (right-handed; Rodrigues' formula)."""
+    c, s = _cos_sin_deg(angle_deg)
+    n = np.asarray(axis, np.float64)
+    k = np.array([[0.0, -n[2], n[1]], [n[2], 0.0, -n[0]], [-n[1], n[0], 0.0]])
+    return c * np.eye(3) + (1.0 - c) * np.outer(n, n) + s * k
+
+
+def retarder_rotation(axis_deg: float, retardance_deg: float) -> np.ndarray:
+    """Poincare-sphere rotation of a linear retarder whose fast axis is ``axis_deg`` from H.
+
+    It is the image of the Jones matrix ``exp(-i delta/2 (cos 2t sigma_1 + sin 2t
+    sigma_2))``, ``sigma_1 = diag(1, -1)`` and ``sigma_2`` the Pauli matrices of the
+    S1 (H/V) and S2 (D/A) axes: a turn by ``delta`` about ``(cos 2t, sin 2t, 0)``.
+    """
+    c2, s2 = _cos_sin_deg(2.0 * float(axis_deg))
+    return _axis_rotation(np.array([c2, s2, 0.0]), retardance_deg)
+
+
+def waveplate_rotation(angles_deg, retardances_deg=(90.0, 180.0, 90.0),
+                       offsets_deg=None) -> np.ndarray:
+    """Rotation of a chain of waveplates, the light passing ``angles_deg[0]`` first.
+
+    Plate i has retardance ``retardances_deg[i]`` and its fast axis at
+    ``angles_deg[i] + offsets_deg[i]`` from H. At angle 0 the default chain
+    (QWP, HWP, QWP) is exactly the identity.
+    """
+    offsets = (0.0,) * len(retardances_deg) if offsets_deg is None else offsets_deg
+    r = np.eye(3)
+    for a, d, o in zip(angles_deg, retardances_deg, offsets, strict=True):
+        r = retarder_rotation(float(a) + float(o), float(d)) @ r
+    return r
+
+
+def euler_rotation(a_deg: float, b_deg: float, c_deg: float) -> np.ndarray:
+    """``R_S1(a) R_S2(b) R_S1(c)``: rotations of the Poincare sphere about S1, S2, S1.
+
+    Every rotation has such angles (a, c in [0, 360), b in [0, 180]); as a Jones
+    matrix it is ``exp(-i a/2 sigma_1) exp(-i b/2 sigma_2) exp(-i c/2 sigma_1)``.
+    """
+    e1, e2 = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    return _axis_rotation(e1, a_deg) @ _axis_rotation(e2, b_deg) @ _axis_rotation(e1, c_deg)
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    """A rotation of the Poincare sphere drawn uniformly (Haar measure on SU(2), a
+    uniformly distributed unit quaternion) from ``seed``."""
+    q = np.random.default_rng([int(seed), 0x706F6C]).normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
 @dataclass
@@ -107,6 +202,15 @@ class OpticalTable:
     laser_current_ma: float = 0.0
     laser_on: bool = False
     polarization_rotation_rad: float = 0.0
+    #: the fiber's polarization transformation, a rotation of the Poincare sphere (None:
+    #: the identity)
+    fiber_rotation: np.ndarray | None = None
+    #: Bob's compensation waveplates, in the order the light passes them: the mount
+    #: angles (set by the polarization controller), the retardances and the angle of
+    #: each fast axis from H when its mount reads 0
+    waveplate_angles_deg: tuple[float, ...] = (0.0, 0.0, 0.0)
+    waveplate_retardances_deg: tuple[float, ...] = (90.0, 180.0, 90.0)
+    waveplate_offsets_deg: tuple[float, ...] = (0.0, 0.0, 0.0)
     #: eavesdropper: EVE_NONE, EVE_INTERCEPT_RESEND or EVE_PNS, on ``eve_fraction`` of pulses
     eve_attack: int = 0
     eve_fraction: float = 0.0
@@ -154,6 +258,10 @@ class OpticalTable:
             eve_fraction=sim.eavesdropper.fraction,
             eve_pns_transmittance=sim.eavesdropper.pns_channel_transmittance,
             eve_pns_block_single=sim.eavesdropper.pns_single_photon_block_fraction,
+            fiber_rotation=_fiber_rotation(cfg),
+            waveplate_angles_deg=(0.0,) * len(sim.waveplate_retardances_deg),
+            waveplate_retardances_deg=tuple(float(d) for d in sim.waveplate_retardances_deg),
+            waveplate_offsets_deg=tuple(float(o) for o in sim.waveplate_offsets_deg),
         )
 
     # -- changes made by the mock drivers -------------------------------------------------
@@ -199,25 +307,59 @@ class OpticalTable:
         return e1 * (1 - e2) + e2 * (1 - e1)
 
     @property
+    def polarization_rotation(self) -> np.ndarray | None:
+        """The Poincare-sphere rotation ``R`` of ``W U``: Bob's waveplates after the fiber.
+
+        None when it is exactly the identity (no fiber transformation, waveplates at
+        their neutral position); the routes are then the scalar ones.
+        """
+        r = waveplate_rotation(self.waveplate_angles_deg, self.waveplate_retardances_deg,
+                               self.waveplate_offsets_deg)
+        if self.fiber_rotation is not None:
+            r = r @ self.fiber_rotation
+        return None if np.array_equal(r, np.eye(3)) else r
+
+    def route_probabilities(self) -> np.ndarray:
+        """``r[a, x, B, b]``: probability that a photon of Alice's state (basis a, bit x)
+        reaches Bob's detector of outcome b in basis B, given that the basis splitter
+        sent it to B: ``(1 - e) P_U + e (1 - P_U)`` with ``P_U = (1 + S_b . R S_s) / 2``
+        (see the module documentation), ``e`` the effective misalignment."""
+        e = self.effective_misalignment
+        rot = self.polarization_rotation
+        r = np.empty((2, 2, 2, 2))
+        for a in (BASIS_Z, BASIS_X):
+            for x in (0, 1):
+                for b_basis in (BASIS_Z, BASIS_X):
+                    for b in (0, 1):
+                        if rot is None:
+                            if b_basis == a:
+                                route = (1 - e) if b == x else e
+                            else:
+                                route = 0.5
+                        else:
+                            sign = 1.0 if x == b else -1.0
+                            pu = min(1.0, max(0.0, 0.5 * (1.0 + sign * rot[b_basis, a])))
+                            route = (1 - e) * pu + e * (1 - pu)
+                        r[a, x, b_basis, b] = route
+        return r
+
+    @property
     def transmittance(self) -> float:
         return self.channel_transmittance * self.bob_transmittance
 
     def photon_detection_probabilities(self) -> np.ndarray:
         """``w[code, j]``: probability that one photon entering Bob's receiver in Alice's
         state ``code`` is detected by detector j (Bob's loss, basis splitter,
-        misalignment, efficiency)."""
+        polarization routes, efficiency)."""
         nint = len(self.mean_photon_numbers)
-        e = self.effective_misalignment
+        routes = self.route_probabilities()
         w = np.zeros((4 * nint, len(self.detectors)))
         for code in range(4 * nint):
             x, a = code & 1, (code >> 1) & 1
             for j, d in enumerate(self.detectors):
                 pz = self.bob_z_probability
                 p_basis = pz if d.basis == BASIS_Z else 1 - pz
-                if d.basis == a:
-                    route = (1 - e) if d.bit == x else e
-                else:
-                    route = 0.5
+                route = routes[a, x, d.basis, d.bit]
                 eff = d.efficiency if d.biased else 0.0
                 w[code, j] = self.bob_transmittance * p_basis * route * eff
         return w
@@ -229,7 +371,7 @@ class OpticalTable:
     def mean_photons_at_detectors(self) -> np.ndarray:
         """``m[code, j]``: mean photon number reaching detector j for Alice's state ``code``."""
         nint = len(self.mean_photon_numbers)
-        e = self.effective_misalignment
+        routes = self.route_probabilities()
         m = np.zeros((4 * nint, len(self.detectors)))
         for code in range(4 * nint):
             x, a, k = code & 1, (code >> 1) & 1, code >> 2
@@ -237,10 +379,7 @@ class OpticalTable:
             for j, d in enumerate(self.detectors):
                 pz = self.bob_z_probability
                 p_basis = pz if d.basis == BASIS_Z else 1 - pz
-                if d.basis == a:
-                    route = (1 - e) if d.bit == x else e
-                else:
-                    route = 0.5
+                route = routes[a, x, d.basis, d.bit]
                 eff = d.efficiency if d.biased else 0.0
                 m[code, j] = mu * p_basis * route * eff
         return m
@@ -334,6 +473,33 @@ class OpticalTable:
                     q *= 1.0 - p[c, i]
                 p_rest[c, j] = 1.0 - q
         return p, p_any, p_rest
+
+
+def _fiber_rotation(cfg: BenchConfig) -> np.ndarray | None:
+    """The fiber's rotation from ``[sim]`` (None: the identity); checks the waveplate keys."""
+    sim = cfg.sim
+    n = len(sim.waveplate_retardances_deg)
+    if n == 0:
+        raise ConfigError(f"{cfg.path}: sim.waveplate_retardances_deg: give at least one "
+                          "waveplate")
+    if len(sim.waveplate_offsets_deg) != n:
+        raise ConfigError(f"{cfg.path}: sim.waveplate_offsets_deg: has "
+                          f"{len(sim.waveplate_offsets_deg)} entries but "
+                          f"sim.waveplate_retardances_deg has {n}")
+    angles, seed = sim.channel_rotation_deg, sim.polarization_seed
+    if angles is not None and seed is not None:
+        raise ConfigError(f"{cfg.path}: sim.polarization_seed: give sim.channel_rotation_deg "
+                          "or sim.polarization_seed, not both")
+    if angles is not None:
+        if len(angles) != 3:
+            raise ConfigError(f"{cfg.path}: sim.channel_rotation_deg: {list(angles)}: give "
+                              "three Euler angles [a, b, c] in degrees")
+        r = euler_rotation(*angles)
+    elif seed is not None:
+        r = random_rotation(seed)
+    else:
+        return None
+    return None if np.array_equal(r, np.eye(3)) else r
 
 
 def _pns_photons_at_bob(mu: float, t_e: float, block_single: float) -> np.ndarray:
