@@ -514,6 +514,15 @@ class TagGenerator:
         cap = self._ph_cap
         while True:
             ph_t, ph_n = self._photon_buffers(cap)
+            if self.p_max <= 0.0:
+                # no light (laser off, detectors unbiased): no photon clicks; the stream
+                # counters end where the parallel kernel would leave them
+                ph_n[:nb] = 0
+                self._end_c[:nb] = _NEVER
+                last = s_last if nb > 1 or n0 % SUB_PULSES == 0 else None
+                self._end_ctr[nb - 1] = (self.photon_ctr if last is None
+                                         else hash_index(self.photon_key, np.int64(last)))
+                break
             _photons_batch(np.int64(s_first), nb, np.int64(n0), np.int64(b_end),
                            self.pos[1], self.photon_ctr, self.photon_key, ph_t, ph_n,
                            self._end_c, self._end_ctr, self._ovf, *seq.params, self.p_click,
