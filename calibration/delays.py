@@ -301,6 +301,17 @@ def _response_table(cfg: BenchConfig, basis: int, bit: int, probs: np.ndarray) -
     return g
 
 
+def _intensity_table(cfg: BenchConfig, probs: np.ndarray) -> np.ndarray:
+    """``g(code)``: the response to Alice's intensity class alone, mean removed."""
+    mus = np.asarray(cfg.source.mean_photon_numbers, np.float64)
+    g = np.zeros(16, np.float64)
+    for code in range(16):
+        if (code >> 2) < mus.shape[0]:
+            g[code] = mus[code >> 2]
+    g -= (g * probs).sum()
+    return g
+
+
 def _phase_peak(x: np.ndarray, period: float) -> tuple[float, float]:
     """Centre (in [-P/2, P/2)) and a robust width of the peak of ``x`` modulo the period."""
     nb = 256
@@ -866,10 +877,24 @@ def calibrate_delays(cfg: BenchConfig, *, seed: int = 0, acquisition_s: float = 
     for j, det in enumerate(rx.detectors):
         basis = 0 if det.basis == "Z" else 1
         x, p_sync = _refer(light.of(det.channel), sync)
-        coarse = coarse_search(x, p_sync, channel=det.channel, prior_ps=float(det.delay_ps),
-                               period_ps=P, search_ps=search_ps,
-                               g_table=_response_table(cfg, basis, det.bit, code_p),
-                               sequence=seq, first_pulse=int(sync.pulses[0]))
+        # two statistics: the response to Alice's polarization states (the sharpest when
+        # the polarization is aligned) and to her intensities alone (independent of any
+        # polarization rotation in the channel); the more significant peak wins
+        coarse, by_state, failure = None, True, None
+        for state_aware in (True, False):
+            table = (_response_table(cfg, basis, det.bit, code_p) if state_aware
+                     else _intensity_table(cfg, code_p))
+            try:
+                c = coarse_search(x, p_sync, channel=det.channel, prior_ps=float(det.delay_ps),
+                                  period_ps=P, search_ps=search_ps, g_table=table,
+                                  sequence=seq, first_pulse=int(sync.pulses[0]))
+            except DelayCalibrationError as e:
+                failure = e
+                continue
+            if coarse is None or c.significance > coarse.significance:
+                coarse, by_state = c, state_aware
+        if coarse is None:
+            raise failure
         dt = x - coarse.delay_ps
         slot = np.rint(dt / P)
         phase = dt - slot * P
@@ -912,12 +937,14 @@ def calibrate_delays(cfg: BenchConfig, *, seed: int = 0, acquisition_s: float = 
                  "%.0f sigma), jitter %.2f ps, background %.3g Hz, error fraction %.4f",
                  det.channel, det.name, delay, fit.mean_uncertainty_ps, det.delay_ps,
                  coarse.offset_pulses, coarse.significance, fit.sigma_ps, r_bg, qber)
-        if n_basis >= 400 and abs(qber - 0.5) < 0.1:
+        if by_state and n_basis >= 400 and abs(qber - 0.5) < 0.1:
+            # (locked on the intensities alone, the polarization may well be unaligned:
+            # then the error fraction says nothing about the lock)
             raise DelayCalibrationError(
                 f"channel {det.channel} ({det.name}): the aligned detections do not follow "
                 f"Alice's bits (error fraction {qber:.2f}): the coarse search locked on a "
                 "wrong pulse offset; take a longer acquisition")
-        if qber > 0.25:
+        if by_state and qber > 0.25:
             log.warning("channel %d (%s): %.0f %% of its detections in its basis carry the "
                         "other bit: is the detector mapping (basis, bit) right?",
                         det.channel, det.name, 100 * qber)

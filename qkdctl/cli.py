@@ -214,6 +214,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     record = CalibrationRecord.load_or_new(path, cfg.name)
     seed = new_seed() if args.seed is None else args.seed
     steps = CALIBRATIONS if args.what == "all" else (args.what,)
+    if args.what == "all" and "polarization" not in cfg.instruments:
+        logging.getLogger("qkdctl").warning(
+            "%s: no [instruments.polarization]: polarization not calibrated", cfg.path)
+        steps = tuple(s for s in steps if s != "polarization")
     results: dict[str, Any] = {}
     for step in steps:
         # each step runs on the bench as calibrated so far (polarization needs the delays)
@@ -228,7 +232,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             from .calibration.polarization import calibrate_polarization as fn
         else:
             from .calibration.detectors import calibrate_detectors as fn
-        res = fn(current, seed=seed, plot_dir=plot_dir)
+        opts = {}
+        if step == "detectors" and args.dark_s is not None:
+            opts["dark_s"] = args.dark_s
+        res = fn(current, seed=seed, plot_dir=plot_dir, **opts)
         record.update(step, res.section())
         results[step] = res.to_dict()
         record.save(path)
@@ -409,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=_seed, default=None, metavar="N",
                      help="random seed of the simulated bench's acquisitions")
     cal.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR/<step>/")
+    cal.add_argument("--dark-s", type=_positive_float, metavar="SECONDS",
+                     help="laser-off acquisition of the detector calibration (default 10)")
     cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     cal.set_defaults(func=cmd_calibrate)
 
