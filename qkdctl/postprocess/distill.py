@@ -451,7 +451,8 @@ class BobDistiller(_Role):
             if q is not None and q > p.qber_abort:
                 alarm = (f"QBER {100 * q:.2f} % in the {name} basis ({nq} bits) exceeds "
                          f"{100 * p.qber_abort:.2f} %: the quantum channel is disturbed "
-                         f"(an intercept-resend attack raises it to 25 %)")
+                         f"(an intercept-resend attack raises it to 25 %; delays or polarization "
+                         "that are not calibrated, to about 50 %)")
                 break
         # Cascade's block sizes from a (slightly pessimistic) estimate of the key QBER
         q_est = min(max((sample_err + 1) / (res.sample_bits + 2), 1e-4), 0.25)
