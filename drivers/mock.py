@@ -28,6 +28,18 @@ the next read. The drivers write to the table only when a value actually
 changes, so that redundant commands (a second ``output_off``, re-applying the
 same setting) leave the simulated run bit for bit the same.
 
+Alice's sequence: :meth:`MockPolarizationModulator.load_sequence` loads it
+into the table (written only when it differs, so a redundant load changes
+nothing), and :attr:`MockPolarizationModulator.pulses_sent` is the encoder's
+pulse counter (the pulses simulated so far).
+
+Two hosts: :func:`build_remote_bench` builds one side's instruments -- Alice's
+laser and modulator, or Bob's detectors, tagger and polarization controller --
+on a :class:`~qkdctl.sim.remote.RemoteTable`, the table of a ``qkdctl
+sim-table`` process (:mod:`qkdctl.sim.server`) reached over TCP. The driver
+classes are the same; the same seed and the same commands give the same tags as
+:func:`build_mock_bench` in one process (the rule is in :mod:`qkdctl.sim.server`).
+
 Not modelled: the laser temperature (a setpoint only) and the encoder's
 start/stop (the table always encodes Alice's sequence); both are bookkeeping.
 """
@@ -41,9 +53,11 @@ from typing import Any
 
 import numpy as np
 
-from qkdctl.config import BenchConfig
+from qkdctl.config import SIDES, BenchConfig
 from qkdctl.errors import ConfigError, InstrumentError
+from qkdctl.sequence import AliceSequence
 from qkdctl.sim.engine import TagGenerator
+from qkdctl.sim.remote import DEFAULT_TIMEOUT_S, RemoteTable, RemoteTagGenerator
 from qkdctl.sim.table import DetectorState, OpticalTable
 
 from .base import (
@@ -64,7 +78,9 @@ __all__ = [
     "MockPolarizationController",
     "MockPolarizationModulator",
     "MockTimeTagger",
+    "REMOTE_SIDES",
     "build_mock_bench",
+    "build_remote_bench",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,14 +96,18 @@ def _firmware() -> str:
 class _MockMixin:
     """Connection bookkeeping shared by the mock drivers (there is no link to open)."""
 
-    table: OpticalTable
+    table: OpticalTable | RemoteTable
     name: str
 
     def _open(self) -> None:
-        pass
+        attach = getattr(self.table, "_attach", None)  # a RemoteTable counts its users
+        if attach is not None:
+            attach()
 
     def _close(self) -> None:
-        pass
+        detach = getattr(self.table, "_detach", None)
+        if detach is not None:
+            detach()
 
     def _identity(self) -> Identity:
         return Identity(make="qkdctl", model=type(self).__name__, serial=f"SIM-{self.name}",
@@ -166,10 +186,31 @@ class MockPolarizationModulator(_MockMixin, PolarizationModulator):
     def _get_rotation_rad(self) -> float:
         return self.table.polarization_rotation_rad
 
+    def load_sequence(self, sequence: AliceSequence) -> None:
+        """Load Alice's sequence (her choices for every pulse) into the encoder.
+
+        Written to the table only if it differs from the one there (fields
+        compared with ``np.array_equal``): an equal load changes nothing, not even
+        the table's version, so the run stays bit for bit the same. A sequence
+        the simulator cannot run is an :class:`~qkdctl.errors.InstrumentError`.
+        """
+        self._require("load_sequence")
+        try:
+            changed = self.table.load_sequence(sequence)
+        except ValueError as e:
+            raise InstrumentError(f"{self.name}: load_sequence: {e}") from None
+        log.info("%s: sequence %s", self.name, "loaded" if changed else "unchanged")
+
+    @property
+    def pulses_sent(self) -> int:
+        """The encoder's pulse counter: pulses sent so far (simulated by the table)."""
+        return int(self.table.pulses_simulated)
+
     def _status(self) -> dict[str, Any]:
         return {"running": self._running,
                 "rotation_rad": self.table.polarization_rotation_rad,
-                "effective_misalignment": self.table.effective_misalignment}
+                "effective_misalignment": self.table.effective_misalignment,
+                "pulses_sent": self.pulses_sent}
 
 
 class MockPolarizationController(_MockMixin, PolarizationController):
@@ -287,12 +328,18 @@ class MockTimeTagger(_MockMixin, TimeTagger):
     each read would drift by up to half a pulse per read.) :meth:`read_pulses`
     simulates an exact number of pulses. The tags of a run do not depend on how
     it is cut into reads.
+
+    ``generator``: the tag generator to drive, by default ``TagGenerator(table,
+    seed)``; on a remote table (:func:`build_remote_bench`) a
+    :class:`~qkdctl.sim.remote.RemoteTagGenerator`, the sim table's own generator
+    (whose seed is the sim table's).
     """
 
-    def __init__(self, table: OpticalTable, seed: int, name: str = "tagger", **kwargs: Any):
+    def __init__(self, table: OpticalTable | RemoteTable, seed: int, name: str = "tagger",
+                 generator: TagGenerator | RemoteTagGenerator | None = None, **kwargs: Any):
         self.table = table
         self.seed = int(seed)
-        self._generator = TagGenerator(table, self.seed)
+        self._generator = TagGenerator(table, self.seed) if generator is None else generator
         self._running = False
         self._finished = False
         self._requested_s = 0.0
@@ -414,7 +461,65 @@ def build_mock_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
     for d in table.detectors:
         table.set_detector(d.channel, biased=False)
     bench: dict[str, Instrument] = {}
-    for name, inst in cfg.instruments.items():
+    for name, cls, kwargs in _mock_instruments(cfg, tuple(cfg.instruments)):
+        if cls is MockTimeTagger:
+            bench[name] = MockTimeTagger(table, seed, **kwargs)
+        else:
+            bench[name] = cls(table, **kwargs)
+    log.debug("mock bench %s: %s", cfg.name, ", ".join(bench))
+    return bench
+
+
+REMOTE_SIDES: dict[str, tuple[str, ...]] = {
+    side: tuple(role for role, s in SIDES.items() if s == side) for side in ("alice", "bob")}
+"""Side -> the instrument roles its host drives (from :data:`qkdctl.config.SIDES`)."""
+
+
+def build_remote_bench(cfg: BenchConfig, side: str, host: str, port: int, seed: int, *,
+                       timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Instrument]:
+    """One side's mock instruments on the sim table at ``host:port`` (``qkdctl sim-table``).
+
+    ``side`` ``"alice"`` gives the laser and the modulator, ``"bob"`` the detectors,
+    the tagger and, if the bench has one, the polarization controller: the same
+    classes as :func:`build_mock_bench`, checked the same way, all on one
+    :class:`~qkdctl.sim.remote.RemoteTable` (``bench[name].table``; one connection,
+    opened by the first request, normally when the first instrument connects, and
+    closed when the last instrument closes). Bob's tagger drives the sim table's
+    generator, whose seed is the table's; ``seed`` is only recorded
+    (``tagger.seed``). Errors reaching the table are
+    :class:`~qkdctl.errors.InstrumentError` naming its address.
+    """
+    if side not in REMOTE_SIDES:
+        raise ValueError(f"side must be one of {', '.join(REMOTE_SIDES)}, not {side!r}")
+    for name in cfg.instruments:
+        if name not in ROLES:
+            raise ConfigError(f"{cfg.path}: instruments.{name}: unknown instrument role "
+                              f"{name!r}; the instruments of a bench are named by role: "
+                              f"{', '.join(ROLES)}")
+    names = tuple(n for n in cfg.instruments if n in REMOTE_SIDES[side])
+    specs = _mock_instruments(cfg, names)  # checked before anything is sent
+    table = RemoteTable(host, port, side, cfg, timeout_s=timeout_s)
+    bench: dict[str, Instrument] = {}
+    try:
+        for name, cls, kwargs in specs:
+            if cls is MockTimeTagger:
+                bench[name] = MockTimeTagger(table, seed, generator=RemoteTagGenerator(table),
+                                             **kwargs)
+            else:
+                bench[name] = cls(table, **kwargs)
+    finally:
+        table.close()  # reopened by the instruments' first request
+    log.debug("remote mock bench %s (%s, sim table %s): %s", cfg.name, side, table.address,
+              ", ".join(bench))
+    return bench
+
+
+def _mock_instruments(cfg: BenchConfig,
+                      names: tuple[str, ...]) -> list[tuple[str, type[Instrument], dict]]:
+    """(name, driver class, constructor keywords) of the named instruments, checked."""
+    out = []
+    for name in names:
+        inst = cfg.instruments[name]
         key = f"{cfg.path}: instruments.{name}"
         if name not in ROLES:
             raise ConfigError(f"{key}: unknown instrument role {name!r}; the instruments of "
@@ -422,12 +527,7 @@ def build_mock_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
         if inst.driver != "mock":
             raise ConfigError(f"{key}.driver: {inst.driver!r} is not a mock driver; the "
                               'simulated bench needs driver = "mock" for every instrument')
-        cls = MOCK_DRIVERS[name]
         kwargs: dict[str, Any] = {"name": name, "settings": inst.settings,
                                   "limits": inst.limits, "config_key": key}
-        if cls is MockTimeTagger:
-            bench[name] = MockTimeTagger(table, seed, **kwargs)
-        else:
-            bench[name] = cls(table, **kwargs)
-    log.debug("mock bench %s: %s", cfg.name, ", ".join(bench))
-    return bench
+        out.append((name, MOCK_DRIVERS[name], kwargs))
+    return out

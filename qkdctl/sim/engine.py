@@ -563,6 +563,7 @@ class TagGenerator:
             ts, ch = self._batch(n_end)
             parts_t.append(ts)
             parts_c.append(ch)
+        self.table.pulses_simulated = int(self.pos[0])  # a read-back: no version bump
         if not parts_t:
             return np.zeros(0, np.int64), np.zeros(0, np.uint8)
         return np.concatenate(parts_t), np.concatenate(parts_c)

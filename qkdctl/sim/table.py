@@ -59,11 +59,11 @@ import numpy as np
 
 from ..config import BenchConfig
 from ..errors import ConfigError
-from ..sequence import BASIS_X, BASIS_Z, AliceSequence
+from ..sequence import BASIS_X, BASIS_Z, MODE_PATTERN, MODE_STREAM, AliceSequence
 
 __all__ = ["EVE_INTERCEPT_RESEND", "EVE_NONE", "EVE_PNS", "DetectorState", "EveTables",
            "OpticalTable", "euler_rotation", "random_rotation", "retarder_rotation",
-           "waveplate_rotation"]
+           "same_sequence", "sequence_problem", "waveplate_rotation"]
 
 EVE_NONE = 0
 EVE_INTERCEPT_RESEND = 1
@@ -217,6 +217,9 @@ class OpticalTable:
     eve_pns_transmittance: float | None = None
     eve_pns_block_single: float | None = None
     version: int = field(default=0)
+    #: pulses simulated so far by the tag generator: Alice's encoder's pulse counter. A
+    #: read-back, not a setting: the generator updates it without bumping ``version``.
+    pulses_simulated: int = field(default=0)
 
     @classmethod
     def from_config(cls, cfg: BenchConfig, seed: int) -> OpticalTable:
@@ -285,6 +288,23 @@ class OpticalTable:
                 self.touch()
                 return
         raise KeyError(f"no simulated detector on channel {channel}")
+
+    def load_sequence(self, seq: AliceSequence) -> bool:
+        """Make ``seq`` Alice's sequence; True if it differs from the present one.
+
+        An equal sequence (same mode, key and thresholds, same arrays by
+        ``np.array_equal``) is not written, so the version is not bumped and a
+        redundant load leaves the simulated run bit for bit the same.
+        ``ValueError`` names what is wrong with a sequence the generator cannot run
+        (see :func:`sequence_problem`).
+        """
+        problem = sequence_problem(seq, len(self.mean_photon_numbers))
+        if problem:
+            raise ValueError(problem)
+        if same_sequence(seq, self.sequence):
+            return False
+        self.set(sequence=seq)
+        return True
 
     # -- derived quantities ---------------------------------------------------------------
     @property
@@ -473,6 +493,56 @@ class OpticalTable:
                     q *= 1.0 - p[c, i]
                 p_rest[c, j] = 1.0 - q
         return p, p_any, p_rest
+
+
+def same_sequence(a: AliceSequence, b: AliceSequence) -> bool:
+    """Whether two sequences give every pulse the same code (field by field)."""
+    return (int(a.mode) == int(b.mode) and int(a.key) == int(b.key)
+            and int(a.z_thr) == int(b.z_thr) and np.array_equal(a.cum_thr, b.cum_thr)
+            and np.array_equal(a.pattern, b.pattern))
+
+
+def sequence_problem(seq: object, n_intensities: int) -> str | None:
+    """What makes ``seq`` unusable on a table of ``n_intensities`` classes, or None.
+
+    The generator's kernels index per-state tables with the codes and take the
+    pulse number modulo the pattern length without bounds checks, so a sequence
+    is checked before it reaches them: ``mode`` 0 (stream) or 1 (pattern), ``key``
+    a u64, ``z_thr`` in 0..2**31, ``cum_thr`` a 1-d uint64 array of
+    ``n_intensities - 1`` ascending thresholds <= 2**32, ``pattern`` a non-empty
+    1-d uint8 array of codes below ``4 * n_intensities``.
+    """
+    if not isinstance(seq, AliceSequence):
+        return f"expected an AliceSequence, got {type(seq).__name__}"
+
+    def integer(v: object) -> int | None:
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            return None
+        return int(v)
+
+    mode, key, z_thr = integer(seq.mode), integer(seq.key), integer(seq.z_thr)
+    if mode not in (MODE_STREAM, MODE_PATTERN):
+        return f"mode {seq.mode!r}: expected {MODE_STREAM} (stream) or {MODE_PATTERN} (pattern)"
+    if key is None or not 0 <= key < 1 << 64:
+        return "key: expected an unsigned 64-bit integer"
+    if z_thr is None or not 0 <= z_thr <= 1 << 31:
+        return f"z_thr {seq.z_thr!r}: expected an integer from 0 to 2**31"
+    cum, pat = seq.cum_thr, seq.pattern
+    if not isinstance(cum, np.ndarray) or cum.dtype != np.uint64 or cum.ndim != 1 \
+            or cum.shape[0] != n_intensities - 1:
+        got = f"{cum.dtype}{cum.shape}" if isinstance(cum, np.ndarray) else type(cum).__name__
+        return (f"cum_thr: expected a uint64 array of shape ({n_intensities - 1},) for "
+                f"{n_intensities} intensity classes, got {got}")
+    if cum.size and (bool(np.any(cum[1:] < cum[:-1])) or int(cum.max()) > 1 << 32):
+        return "cum_thr: thresholds must ascend and be at most 2**32"
+    if not isinstance(pat, np.ndarray) or pat.dtype != np.uint8 or pat.ndim != 1 \
+            or pat.shape[0] == 0:
+        got = f"{pat.dtype}{pat.shape}" if isinstance(pat, np.ndarray) else type(pat).__name__
+        return f"pattern: expected a non-empty 1-d uint8 array, got {got}"
+    if int(pat.max()) >= 4 * n_intensities:
+        return (f"pattern: code {int(pat.max())} is not a state of {n_intensities} intensity "
+                f"classes (codes are below {4 * n_intensities})")
+    return None
 
 
 def _fiber_rotation(cfg: BenchConfig) -> np.ndarray | None:
