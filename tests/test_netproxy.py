@@ -43,6 +43,7 @@ class Server:
             self.count += 1
             self.conns.append(c)
             if self.handler is None:
+                c.settimeout(10)  # a test that waits for bytes that never come fails
                 self.accepted.put(c)
             else:
                 threading.Thread(target=self.handler, args=(c,), daemon=True).start()
@@ -356,11 +357,15 @@ def test_freeze_and_thaw(raw_server):
 
 def test_byte_counters_are_exact(raw_server):
     with NetProxy(("127.0.0.1", raw_server.port)) as proxy:
-        c1, c2 = connect(proxy.port), connect(proxy.port)
+        # one connection at a time, so that the server's accepted sockets pair up
+        c1 = connect(proxy.port)
         c1.sendall(b"u" * 123_457)
         s1 = raw_server.accepted.get(timeout=2)
+        c2 = connect(proxy.port)
         c2.sendall(b"v" * 1000)
         s2 = raw_server.accepted.get(timeout=2)
+        for s in (c1, c2, s1, s2):
+            s.settimeout(10)
         recv_exact(s1, 123_457)
         recv_exact(s2, 1000)
         s1.sendall(b"d" * 6789)
