@@ -270,6 +270,12 @@ class TcpTransport(Transport):
         state = "closed" if self._sock is None else "open"
         return f"TcpTransport({self.peer!r}, {state})"
 
+    def set_timeout(self, timeout: float | None) -> None:
+        """Seconds to wait for the peer in any one send or receive from now on."""
+        self.timeout = timeout
+        if self._sock is not None:
+            self._sock.settimeout(timeout)
+
     def __enter__(self) -> TcpTransport:
         return self
 

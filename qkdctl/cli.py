@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .config import load_bench
-from .errors import QkdctlError
+from .errors import ConfigError, QkdctlError
 
 EXIT_TAMPER = 3
 EXIT_INTERRUPTED = 130
@@ -38,16 +38,19 @@ class _Progress:
 
     def __call__(self, p: dict[str, Any]) -> None:
         now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.2 and p["bench_s"] < p["duration_s"]):
+        if not self.enabled or (now - self._last < 0.2 and p["bench_s"] < (p["duration_s"]
+                                                                         or math.inf)):
             return
         self._last = now
 
         def pct(x):
             return "  n/a  " if x is None else f"{100 * x:6.3f}%"
 
-        frac = p["bench_s"] / p["duration_s"] if p["duration_s"] else 1.0
         where = f"tags {p['tags']:,}" if "tags" in p else f"bench {p['bench_s']:.3f} s"
-        sys.stderr.write(f"\r  {100 * frac:5.1f} %  {where}  detected "
+        # Alice's host does not know how long Bob will run: no percentage there
+        done = (f"{100 * p['bench_s'] / p['duration_s']:5.1f} %  " if p["duration_s"]
+                else "")
+        sys.stderr.write(f"\r  {done}{where}  detected "
                          f"{p['detected_pulses']:>12,}  sifted {p['sifted_bits']:>12,}  "
                          f"QBER Z {pct(p['qber_z'])}  X {pct(p['qber_x'])} ")
         sys.stderr.flush()
@@ -77,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .session import run_session
     from .summary import format_summary
 
+    if args.split:
+        return _run_split(args)
     cfg = _calibrated(load_bench(args.config), args)
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     try:
@@ -93,6 +98,131 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return _exit_status(summary)
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from .link.report import format_side_summary
+    from .link.split import run_split
+    from .session import new_seed
+
+    if args.record:
+        raise ConfigError("--record: a split session records nothing yet; run without --split")
+    load_bench(args.config)  # a bad bench file fails here, not in three processes
+    seed = new_seed() if args.seed is None else args.seed
+    cal = (["--no-calibration"] if args.no_calibration else
+           (["--calibration", args.calibration] if args.calibration else []))
+    out = run_split(args.config, duration_s=args.duration, seed=seed, keystore=args.keystore,
+                    no_keystore=args.no_keystore, calibration=cal, verbose=args.verbose)
+    codes = out["exit"]
+    if args.json:
+        _print_json({"seed": seed, "alice": out["alice"], "bob": out["bob"],
+                     "exit_status": codes})
+    else:
+        for role in ("alice", "bob"):
+            if out[role] is not None:
+                print(format_side_summary(out[role]))
+    for role in ("alice", "bob"):
+        err = out["stderr"][role].strip()
+        if codes[role] and err:
+            print(f"qkdctl {role}: {err.splitlines()[-1]}", file=sys.stderr)
+    worst = [c for c in (codes["bob"], codes["alice"]) if c]
+    return EXIT_TAMPER if EXIT_TAMPER in worst else (worst[0] if worst else 0)
+
+
+def _link_overrides(cfg, args: argparse.Namespace):
+    """The bench with ``--listen``, ``--alice`` and ``--sim-table`` applied to ``[link]``."""
+    import dataclasses
+
+    from .config import parse_address
+
+    changes = {}
+    for opt, key in (("listen", "alice_listen"), ("alice", "alice_address"),
+                     ("sim_table", "sim_table")):
+        value = getattr(args, opt, None)
+        if value is not None:
+            try:
+                parse_address(value)
+            except ValueError as e:
+                raise ConfigError(f"--{opt.replace('_', '-')}: {e}") from None
+            changes[key] = value
+    return dataclasses.replace(cfg, link=dataclasses.replace(cfg.link, **changes)) \
+        if changes else cfg
+
+
+def _port_file(path: str | None):
+    """A callback writing the listening port to ``path`` (for scripts and ``--split``)."""
+    if not path:
+        return None
+
+    def write(port: int) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, path)
+    return write
+
+
+def cmd_alice(args: argparse.Namespace) -> int:
+    from .link.alice import run_alice
+    from .link.report import format_side_summary
+
+    cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
+    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        summary = run_alice(cfg, seed=args.seed, progress=progress,
+                            keystore=False if args.no_keystore else args.keystore,
+                            psk_file=args.psk_file, on_listening=_port_file(args.port_file))
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_side_summary(summary))
+    return _exit_status(summary)
+
+
+def cmd_bob(args: argparse.Namespace) -> int:
+    from .link.bob import run_bob
+    from .link.report import format_side_summary
+
+    cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
+    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        summary = run_bob(cfg, duration_s=args.duration, seed=args.seed, progress=progress,
+                          keystore=False if args.no_keystore else args.keystore,
+                          psk_file=args.psk_file)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_side_summary(summary))
+    return _exit_status(summary)
+
+
+def cmd_sim_table(args: argparse.Namespace) -> int:
+    import signal
+
+    from .config import parse_address
+    from .session import new_seed
+    from .sim.server import serve_table
+
+    cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
+    host, port = parse_address(cfg.link.sim_table)
+    seed = new_seed() if args.seed is None else args.seed
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    write_port = _port_file(args.port_file)
+
+    def ready(bound: int) -> None:
+        print(f"qkdctl sim-table: {cfg.name} on {host}:{bound}, seed {seed}", file=sys.stderr,
+              flush=True)
+        if write_port is not None:
+            write_port(bound)
+    try:
+        serve_table(cfg, seed, host, port, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _calibrated(cfg, args: argparse.Namespace):
@@ -346,7 +476,74 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside the bench file, if there is one)")
     r.add_argument("--no-calibration", action="store_true",
                    help="run with the bench file's own delays, gate and angles")
+    r.add_argument("--split", action="store_true",
+                   help="run Alice, Bob and the simulated table as three processes on "
+                        "loopback (as on three hosts) and print both sides' summaries")
     r.set_defaults(func=cmd_run)
+
+    def side_options(sp, role: str) -> None:
+        sp.add_argument("--config", metavar="FILE",
+                        help="bench file (TOML) of this host; default: the built-in "
+                             "simulated bench")
+        sp.add_argument("--seed", type=_seed, default=None, metavar="N",
+                        help="this side's random seed (default: a fresh one)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+        sp.add_argument("--keystore", metavar="DIR",
+                        help=f"key store directory; this host's keys go to DIR/{role} "
+                             "(default: $QKDCTL_KEYSTORE or ~/.local/share/qkdctl/keys)")
+        sp.add_argument("--no-keystore", action="store_true", help="keep no key")
+        sp.add_argument("--psk-file", metavar="FILE",
+                        help=f"pre-shared key file (default: link.{role}_psk_file)")
+        sp.add_argument("--sim-table", metavar="HOST:PORT",
+                        help="address of the simulated table (default: link.sim_table)")
+        sp.add_argument("--calibration", metavar="FILE",
+                        help="calibration record to apply (default: the one beside the "
+                             "bench file, if any)")
+        sp.add_argument("--no-calibration", action="store_true",
+                        help="use the bench file's own delays, gate and angles")
+
+    al = sub.add_parser("alice", help="Alice's host of a two-host link: laser, modulator, "
+                                      "her sequence; waits for Bob",
+                        description="Run Alice's side of a session: listen for Bob, arm the "
+                                    "laser and encoder, answer Bob's announcements, distil "
+                                    "her half of the key; prints her summary.")
+    side_options(al, "alice")
+    al.add_argument("--listen", metavar="HOST:PORT",
+                    help="where to listen for Bob (default: link.alice_listen)")
+    al.add_argument("--port-file", metavar="FILE",
+                    help="write the port listened on to FILE once listening")
+    al.set_defaults(func=cmd_alice)
+
+    bo = sub.add_parser("bob", help="Bob's host of a two-host link: detectors, tagger; "
+                                    "connects to Alice",
+                        description="Run Bob's side of a session: connect to Alice, arm the "
+                                    "detectors and tagger, sift and announce, distil his half "
+                                    "of the key; prints his summary.")
+    side_options(bo, "bob")
+    bo.add_argument("--duration", type=_positive_float, default=2.0, metavar="SECONDS",
+                    help="bench time to acquire (default 2)")
+    bo.add_argument("--alice", metavar="HOST:PORT",
+                    help="Alice's address (default: link.alice_address)")
+    bo.set_defaults(func=cmd_bob)
+
+    st = sub.add_parser("sim-table", help="the simulated optical table as a process of its "
+                                          "own, for two-host sessions on the simulated bench",
+                        description="Serve the simulated optical table (source optics, "
+                                    "fiber, eavesdropper, Bob's optics, detectors, tagger) to "
+                                    "the mock instruments of qkdctl alice and qkdctl bob, "
+                                    "until stopped (Ctrl-C or SIGTERM).")
+    st.add_argument("--config", metavar="FILE",
+                    help="bench file (TOML); default: the built-in simulated bench")
+    st.add_argument("--seed", type=_seed, default=None, metavar="N",
+                    help="the physics' random seed (default: a fresh one)")
+    st.add_argument("--listen", dest="sim_table", metavar="HOST:PORT",
+                    help="where to listen (default: link.sim_table)")
+    st.add_argument("--port-file", metavar="FILE",
+                    help="write the port listened on to FILE once listening")
+    st.add_argument("--calibration", metavar="FILE", help=argparse.SUPPRESS)
+    st.add_argument("--no-calibration", action="store_true", help=argparse.SUPPRESS)
+    st.set_defaults(func=cmd_sim_table)
 
     unit_help = ("timestamp unit in seconds for a Photon-HDF5 file that does not give one "
                  "(e.g. 5e-9)")

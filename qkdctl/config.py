@@ -30,13 +30,16 @@ __all__ = [
     "DetectorChannel",
     "EavesdropperConfig",
     "InstrumentConfig",
+    "LinkConfig",
     "PostprocessConfig",
     "ReceiverConfig",
     "SimConfig",
     "SimDetector",
     "SourceConfig",
     "default_bench_path",
+    "SIDES",
     "load_bench",
+    "parse_address",
     "parse_bench",
 ]
 
@@ -165,6 +168,36 @@ class PostprocessConfig:
     psk_file: str = _spec("file holding the pre-shared authentication key (at least 32 "
                           "bytes; empty: a fresh key per session, which only the simulated "
                           "bench may use)", default="")
+    blocks_in_flight: int = _spec("blocks distilled at once, each on its own channel, so "
+                                  "that the round trips of one block overlap those of the "
+                                  "others (the network's latency is paid once, not per "
+                                  "block)", lo=1, hi=64, default=4)
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Alice and Bob on two hosts: addresses, timeouts, each side's pre-shared key."""
+
+    alice_listen: str = _spec("host:port where Alice's process listens for Bob's (binding "
+                              "beyond loopback is an explicit choice)",
+                              default="127.0.0.1:47610")
+    alice_address: str = _spec("host:port where Bob's process reaches Alice's",
+                               default="127.0.0.1:47610")
+    sim_table: str = _spec("host:port of the simulated optical table (qkdctl sim-table), "
+                           "which the mock instruments of both sides reach",
+                           default="127.0.0.1:47611")
+    connect_timeout_s: float = _spec("how long either side waits for the other to start",
+                                     lo=0.0, lo_open=True, hi=86400.0, default=60.0)
+    link_timeout_s: float = _spec("how long a dropped connection may take to come back "
+                                  "before both sides stop", lo=0.0, lo_open=True,
+                                  hi=3600.0, default=10.0)
+    idle_timeout_s: float = _spec("silence after which a connection counts as dropped "
+                                  "(keep-alives flow several times within it)", lo=0.1,
+                                  hi=3600.0, default=5.0)
+    alice_psk_file: str = _spec("Alice's copy of the pre-shared authentication key (empty: "
+                                "postprocess.psk_file)", default="")
+    bob_psk_file: str = _spec("Bob's copy of the pre-shared authentication key (empty: "
+                              "postprocess.psk_file)", default="")
 
 
 @dataclass(frozen=True)
@@ -290,6 +323,7 @@ class BenchConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     instruments: dict[str, InstrumentConfig] = field(default_factory=dict)
     sim: SimConfig | None = None
+    link: LinkConfig = field(default_factory=LinkConfig)
     path: str = "<string>"
     #: the parsed TOML document, as validated (recordings store it to rebuild the config)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -309,7 +343,12 @@ class BenchConfig:
 
 # --------------------------------------------------------------------------- parsing
 
-_BENCH_KEYS = {"bench", "source", "receiver", "analysis", "postprocess", "instruments", "sim"}
+_BENCH_KEYS = {"bench", "source", "receiver", "analysis", "postprocess", "instruments", "sim",
+               "link"}
+#: which host each instrument role belongs to: Alice's drives the light she sends, Bob's
+#: measures it
+SIDES = {"laser": "alice", "modulator": "alice", "detectors": "bob", "polarization": "bob",
+         "tagger": "bob"}
 _BENCH_TABLE = {"name": str, "protocol": str}
 #: protocol -> number of intensity classes: "bb84-decoy" is efficient BB84 with two decoys
 #: (finite-key bound of Lim et al. 2014), "bb84-one-decoy" with one (Rusca et al. 2018)
@@ -469,6 +508,12 @@ def _cross_checks(ctx: _Ctx, b: BenchConfig) -> None:
         if not inst.driver:
             ctx.fail(f"instruments.{name}.driver", "missing driver name")
 
+    for key in ("alice_listen", "alice_address", "sim_table"):
+        try:
+            parse_address(getattr(b.link, key))
+        except ValueError as e:
+            ctx.fail(f"link.{key}", str(e))
+
     if b.sim is not None:
         sim_seen: dict[int, int] = {}
         for i, d in enumerate(b.sim.detectors):
@@ -487,6 +532,22 @@ def _cross_checks(ctx: _Ctx, b: BenchConfig) -> None:
             ctx.fail("sim.laser_calibrated_current_ma",
                      f"{b.sim.laser_calibrated_current_ma:g} mA is not above the threshold "
                      f"sim.laser_threshold_ma = {b.sim.laser_threshold_ma:g} mA")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[v6]:port"`` for IPv6) as (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        n = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r}: the port {port!r} is not a number") from None
+    if not 0 <= n <= 65535:
+        raise ValueError(f"{text!r}: the port must be 0..65535")
+    return host, n
 
 
 def parse_bench(data: dict[str, Any], path: str = "<string>",
@@ -532,6 +593,7 @@ def parse_bench(data: dict[str, Any], path: str = "<string>",
         postprocess=table("postprocess", PostprocessConfig),
         instruments=instruments,
         sim=table("sim", SimConfig) if "sim" in data else None,
+        link=table("link", LinkConfig),
         path=path,
         raw=data,
         text=text,

@@ -304,6 +304,30 @@ class KeyStore:
         log.info("key store %s: key %s delivered (%d bits)", self.path, key_id, rec.n_bits)
         return bits
 
+    def discard(self, key_id: str, reason: str) -> KeyRecord:
+        """Remove a key block that must not be used: its entry, then its file.
+
+        For a block the other side's store does not hold (a session that stopped
+        between the two sides' commits) or holds differently. A block already
+        handed to an application cannot be taken back and is refused.
+        """
+        if not isinstance(reason, str) or not reason:
+            raise ValueError("a reason is required")
+        with self._locked():
+            records = self._load()
+            rec = self._find(records, key_id)
+            if rec.delivered:
+                raise KeyStoreError(f"{self.path}: key {key_id} was delivered to an "
+                                    "application; it cannot be discarded")
+            self._save([r for r in records if r.key_id != key_id])
+            self._cache.pop(key_id, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._key_file(key_id))
+            self._sync_dir()
+            self._log_usage(f"discarded: {reason}", rec.n_bits, [[key_id, 0, rec.n_bits]])
+        log.warning("key store %s: discarded key %s (%s)", self.path, key_id, reason)
+        return rec
+
     def consume(self, n_bits: int, purpose: str) -> bytes:
         """Take ``n_bits`` unused bits (a multiple of 8) for a one-off purpose.
 

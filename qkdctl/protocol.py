@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import wire
+from . import codec, wire
 from .errors import ConfigError, QkdctlError
 from .sequence import AliceSequence, decode
 from .sifting import Detections, Sifter, SiftParams
@@ -41,12 +41,16 @@ __all__ = [
     "AliceRole",
     "BobRole",
     "Channel",
+    "CodedAnnouncement",
+    "CodedReply",
     "ChannelError",
     "DetectionAnnouncement",
     "LocalChannel",
+    "SiftCoding",
     "SiftingReply",
     "load_psk",
     "open_channels",
+    "read_psk_file",
 ]
 
 
@@ -63,6 +67,7 @@ class DetectionAnnouncement:
     block: int
     pulses: np.ndarray   # int64, ascending
     bases: np.ndarray    # uint8, 0 = Z, 1 = X
+    final: bool = False  # the last block of the run
 
 
 @wire.message("sift.SiftingReply")
@@ -74,6 +79,99 @@ class SiftingReply:
     block: int
     keep: np.ndarray        # bool, one per announced pulse
     intensity: np.ndarray   # uint8, one per announced pulse
+
+
+@wire.message("sift.Announcement")
+@dataclass(frozen=True)
+class CodedAnnouncement:
+    """Bob -> Alice: :class:`DetectionAnnouncement` as it travels, compactly coded.
+
+    ``pulses``: the detected pulse numbers, Rice-coded gaps from ``previous`` (the
+    last pulse of the block before, -1 at the start; :func:`qkdctl.codec.encode_pulses`);
+    ``bases``: Bob's bases, coded under the public model :class:`SiftCoding`.
+    """
+
+    seq: int
+    block: int
+    previous: int
+    pulses: bytes
+    bases: bytes
+    final: bool
+
+
+@wire.message("sift.Reply")
+@dataclass(frozen=True)
+class CodedReply:
+    """Alice -> Bob: :class:`SiftingReply` as it travels: the keep flags of the
+    announced pulses and the intensity classes of the kept ones only (the others are
+    not needed), coded under the public model :class:`SiftCoding`."""
+
+    seq: int
+    block: int
+    count: int
+    keep_z: bytes      # keep flags of the pulses Bob measured in Z
+    keep_x: bytes      # and in X
+    intensity: bytes
+
+
+@dataclass(frozen=True)
+class SiftCoding:
+    """The public model both sides code the sifting messages with: Bob's and Alice's
+    basis probabilities and the intensity classes' probabilities (all from the bench
+    files, which both sides agree on). A keep flag is coded knowing Bob's basis: a
+    pulse Bob measured in Z is kept with Alice's probability of Z (0.72 bit a flag on
+    the default bench, against 0.90 without the context)."""
+
+    z_bob: float
+    z_alice: float
+    intensity_probabilities: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, cfg) -> SiftCoding:
+        # a model probability must be inside (0, 1): keep the extremes codable
+        def inside(p: float) -> float:
+            return min(max(p, 1e-6), 1 - 1e-6)
+        return cls(inside(cfg.receiver.z_basis_probability),
+                   inside(cfg.source.z_basis_probability),
+                   tuple(cfg.source.intensity_probabilities))
+
+    # each coded with a static-model rANS coder under the public probabilities, within a
+    # thousandth of a bit of the entropy (qkdctl.codec)
+    def encode_bases(self, bases: np.ndarray) -> bytes:
+        return codec.encode_bits(bases, 1.0 - self.z_bob)
+
+    def decode_bases(self, data: bytes, count: int) -> np.ndarray:
+        return codec.decode_bits(data, count, 1.0 - self.z_bob)
+
+    def encode_keep(self, keep: np.ndarray, bases: np.ndarray) -> tuple[bytes, bytes]:
+        k = keep.view(np.uint8)
+        z = bases == 0
+        return (codec.encode_bits(k[z], self.z_alice),
+                codec.encode_bits(k[~z], 1.0 - self.z_alice))
+
+    def decode_keep(self, keep_z: bytes, keep_x: bytes, bases: np.ndarray) -> np.ndarray:
+        z = bases == 0
+        keep = np.zeros(bases.shape[0], bool)
+        nz = int(np.count_nonzero(z))
+        keep[z] = codec.decode_bits(keep_z, nz, self.z_alice).view(bool)
+        keep[~z] = codec.decode_bits(keep_x, bases.shape[0] - nz,
+                                     1.0 - self.z_alice).view(bool)
+        return keep
+
+    def encode_intensity(self, intensity: np.ndarray) -> bytes:
+        return codec.encode_symbols(np.asarray(intensity, np.uint8), self._intensity_model)
+
+    def decode_intensity(self, data: bytes, count: int) -> np.ndarray:
+        return codec.decode_symbols(data, count, self._intensity_model)
+
+    @property
+    def _intensity_model(self) -> tuple[float, ...]:
+        # a class of probability 0 is never sent; the coder wants every symbol possible
+        p = [max(x, 1e-6) for x in self.intensity_probabilities]
+        if len(p) == 1:
+            p.append(1e-6)
+        t = sum(p)
+        return tuple(x / t for x in p)
 
 
 class Channel:
@@ -130,13 +228,18 @@ class _Pending:
 class BobRole:
     """Bob: the sifting core on his tags, announcements, and his half of the key."""
 
-    def __init__(self, params: SiftParams, channel: Channel, window: int = 1):
-        """``window``: how many announced blocks may wait for Alice's reply at once."""
+    def __init__(self, params: SiftParams, channel: Channel, window: int = 1,
+                 coding: SiftCoding | None = None):
+        """``window``: how many announced blocks may wait for Alice's reply at once;
+        ``coding``: send the compact :class:`CodedAnnouncement` under this model (None:
+        the plain :class:`DetectionAnnouncement`, for tests of the roles)."""
         if window < 1:
             raise ValueError("window must be >= 1")
         self.sifter = Sifter(params)
         self.channel = channel
         self.window = window
+        self.coding = coding
+        self._last_pulse = -1
         self._seq = 0
         self._block = 0
         self._pending: deque[_Pending] = deque()
@@ -146,7 +249,15 @@ class BobRole:
         if len(self._pending) >= self.window:
             raise ChannelError("bob: a block is still waiting for Alice's reply")
         det = self.sifter.finish() if final else self.sifter.process(ts, ch)
-        self.channel.send(DetectionAnnouncement(self._seq, self._block, det.pulse, det.basis))
+        if self.coding is None:
+            msg = DetectionAnnouncement(self._seq, self._block, det.pulse, det.basis, final)
+        else:
+            msg = CodedAnnouncement(self._seq, self._block, self._last_pulse,
+                                    codec.encode_pulses(det.pulse, self._last_pulse),
+                                    self.coding.encode_bases(det.basis), final)
+        if det.pulse.size:
+            self._last_pulse = int(det.pulse[-1])
+        self.channel.send(msg)
         self._seq += 1
         self._pending.append(_Pending(self._block, det))
         self._block += 1
@@ -159,39 +270,95 @@ class BobRole:
         """
         reply = self.channel.recv()
         p = self._pending[0] if self._pending else None
-        if not isinstance(reply, SiftingReply) or p is None or reply.block != p.block:
+        if not isinstance(reply, SiftingReply | CodedReply) or p is None \
+                or reply.block != p.block:
             raise ChannelError("bob: expected Alice's sifting reply to block "
                                f"{None if p is None else p.block}")
+        if isinstance(reply, CodedReply):
+            reply = self._decode_reply(reply, p)
         if reply.keep.shape != p.det.pulse.shape or reply.intensity.shape != p.det.pulse.shape:
             raise ChannelError(f"bob: reply to block {p.block} has {reply.keep.shape[0]} "
                                f"entries for {p.det.pulse.shape[0]} announced pulses")
         self._pending.popleft()
         return p.det, reply.keep, reply.intensity
 
+    def _decode_reply(self, reply: CodedReply, p: _Pending) -> SiftingReply:
+        n = p.det.pulse.shape[0]
+        if self.coding is None or reply.count != n:
+            raise ChannelError(f"bob: reply to block {p.block} has {reply.count} entries for "
+                               f"{n} announced pulses")
+        try:
+            keep = self.coding.decode_keep(reply.keep_z, reply.keep_x, p.det.basis)
+            kept = self.coding.decode_intensity(reply.intensity, int(keep.sum()))
+        except wire.WireError as e:
+            raise ChannelError(f"bob: reply to block {p.block} is malformed: {e}") from None
+        intensity = np.zeros(n, np.uint8)
+        intensity[keep] = kept
+        return SiftingReply(reply.seq, reply.block, keep, intensity)
+
 
 class AliceRole:
     """Alice: her sequence of choices, the sifting replies, and her half of the key."""
 
-    def __init__(self, sequence: AliceSequence, channel: Channel):
+    def __init__(self, sequence: AliceSequence, channel: Channel,
+                 coding: SiftCoding | None = None):
+        """``coding``: the model of the compact messages (needed to answer
+        :class:`CodedAnnouncement`, which is answered with a :class:`CodedReply`)."""
         self.sequence = sequence
         self.channel = channel
+        self.coding = coding
+        self._last_pulse = -1
         self._seq = 0
         self.last_codes = np.zeros(0, np.uint8)
+        self.last_keep = np.zeros(0, bool)
+        self.last_bases = np.zeros(0, np.uint8)
+        self.last_pulses = np.zeros(0, np.int64)
+        #: the last announcement was the run's last block
+        self.finished = False
 
     def reply(self) -> np.ndarray:
         """Answer Bob's next announcement; returns Alice's codes of the announced pulses."""
         ann = self.channel.recv()
-        if not isinstance(ann, DetectionAnnouncement):
+        coded = isinstance(ann, CodedAnnouncement)
+        if coded:
+            ann = self._decode_announcement(ann)
+        elif not isinstance(ann, DetectionAnnouncement):
             raise ChannelError("alice: expected Bob's detection announcement")
         if ann.pulses.shape != ann.bases.shape:
             raise ChannelError(f"alice: announcement of block {ann.block} is malformed")
         codes = self.sequence.codes(ann.pulses)
         basis, _, intensity = decode(codes)
         keep = basis == ann.bases
-        self.channel.send(SiftingReply(self._seq, ann.block, keep, intensity))
+        if coded:
+            self.channel.send(CodedReply(self._seq, ann.block, int(keep.shape[0]),
+                                         *self.coding.encode_keep(keep, ann.bases),
+                                         self.coding.encode_intensity(intensity[keep])))
+        else:
+            self.channel.send(SiftingReply(self._seq, ann.block, keep, intensity))
         self._seq += 1
         self.last_codes = codes
+        self.last_keep = keep
+        self.last_bases = ann.bases
+        self.last_pulses = ann.pulses
+        self.finished = bool(ann.final)
         return codes
+
+    def _decode_announcement(self, ann: CodedAnnouncement) -> DetectionAnnouncement:
+        if self.coding is None:
+            raise ChannelError("alice: a coded announcement, and no coding model")
+        if ann.previous != self._last_pulse:
+            raise ChannelError(f"alice: announcement of block {ann.block} continues from "
+                               f"pulse {ann.previous}, the last one announced was "
+                               f"{self._last_pulse}")
+        try:
+            pulses = codec.decode_pulses(ann.pulses, ann.previous)
+            bases = self.coding.decode_bases(ann.bases, pulses.shape[0])
+        except wire.WireError as e:
+            raise ChannelError(f"alice: announcement of block {ann.block} is malformed: "
+                               f"{e}") from None
+        if pulses.size:
+            self._last_pulse = int(pulses[-1])
+        return DetectionAnnouncement(ann.seq, ann.block, pulses, bases, ann.final)
 
 
 # ------------------------------------------------------------------ authenticated channels
@@ -213,9 +380,15 @@ def load_psk(cfg, *, allow_fresh: bool) -> bytes:
             return secrets.token_bytes(PSK_MIN_BYTES)
         raise ConfigError(f"{key}: missing; a real bench authenticates its classical channel "
                           "with a pre-shared key: name a file of at least 32 random bytes")
+    return read_psk_file(name, key, cfg.path)
+
+
+def read_psk_file(name: str, key: str, cfg_path: str = "") -> bytes:
+    """A pre-shared key file: at least 32 bytes, readable by its owner only. ``name`` is
+    taken relative to the bench file ``cfg_path``; errors name ``key``."""
     path = Path(name).expanduser()
-    if not path.is_absolute() and cfg.path and cfg.path != "<string>":
-        path = Path(cfg.path).parent / path
+    if not path.is_absolute() and cfg_path and cfg_path != "<string>":
+        path = Path(cfg_path).parent / path
     try:
         st = os.stat(path)
         data = path.read_bytes()

@@ -133,3 +133,15 @@ def derive_key(seed: int, label: str) -> int:
     """A 64-bit key for the named stream of a run with the given seed."""
     h = hashlib.blake2b(f"{int(seed)}:{label}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little")
+
+
+def role_seed(seed: int, role: str) -> int:
+    """The seed of one role's own random choices, derived one-way from the run's seed.
+
+    On the simulated bench Bob's process is given only ``role_seed(seed, "bob")``
+    (his multi-click choices, his side of distillation): from it he cannot
+    compute Alice's sequence key ``derive_key(seed, "alice")``. ``qkdctl run``
+    derives Bob's seed the same way, so that one process and two give the same
+    key.
+    """
+    return derive_key(seed, f"role {role}") & ((1 << 63) - 1)

@@ -34,13 +34,15 @@ from .config import BenchConfig
 from .drivers import DRIVERS, Instrument, build_mock_bench, driver_class
 from .errors import ConfigError, QkdctlError
 from .postprocess.stream import KeyDistillation
-from .protocol import AliceRole, BobRole, load_psk, open_channels
+from .protocol import AliceRole, BobRole, SiftCoding, load_psk, open_channels
 from .recording import Recorder
+from .rng import role_seed
 from .sequence import MODE_PATTERN, AliceSequence
 from .sifting import SiftParams
 from .summary import RunTally, build_summary
 
-__all__ = ["ARM_ORDER", "SiftingPipeline", "build_bench", "new_seed", "run_session"]
+__all__ = ["ARM_ORDER", "SiftingPipeline", "build_bench", "build_real_instruments", "new_seed",
+           "run_session"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,13 @@ def build_bench(cfg: BenchConfig, seed: int) -> dict[str, Instrument]:
         raise ConfigError(f"{cfg.path}: instruments.{real}.driver: "
                           f"{cfg.instruments[real].driver!r} cannot be combined with the mock "
                           f"instruments ({', '.join(mock)}), which share one simulated table")
+    return build_real_instruments(cfg, cfg.instruments)
+
+
+def build_real_instruments(cfg: BenchConfig, instruments) -> dict[str, Instrument]:
+    """Real drivers for the named ``[instruments.*]`` tables (no connection is opened)."""
     bench = {}
-    for name, inst in cfg.instruments.items():
+    for name, inst in instruments.items():
         if inst.driver not in DRIVERS:
             raise ConfigError(f"{cfg.path}: instruments.{name}.driver: unknown driver "
                               f"{inst.driver!r}; available: {', '.join(sorted(DRIVERS))}")
@@ -137,15 +144,17 @@ class SiftingPipeline:
         self.cfg = cfg
         self.seed = seed
         self.sequence = sequence
-        params = SiftParams.from_config(cfg, seed)
+        # Bob's random choices come from his role seed, as in a two-host session
+        params = SiftParams.from_config(cfg, role_seed(seed, "bob"))
         distill = cfg.postprocess.enabled if distill is None else distill
         if psk is None:
             psk = load_psk(cfg, allow_fresh=allow_fresh_psk)
         chans = open_channels(cfg, ("sifting", "distillation") if distill else ("sifting",),
                               psk=psk, keystores=keystores)
         alice_end, bob_end = chans["sifting"]
-        self.alice = AliceRole(sequence, alice_end)
-        self.bob = BobRole(params, bob_end, window=self.WINDOW)
+        coding = SiftCoding.from_config(cfg)
+        self.alice = AliceRole(sequence, alice_end, coding)
+        self.bob = BobRole(params, bob_end, window=self.WINDOW, coding=coding)
         self.tally = RunTally(params.n_intensities,
                               key_hash=hashlib.sha256() if sifted_digest else None)
         self.distill = KeyDistillation(

@@ -67,8 +67,12 @@ def _qber(errors: int, n: int) -> tuple[float | None, float | None]:
     return e, math.sqrt(e * (1.0 - e) / n)
 
 
-def pulses_by_intensity(seq: AliceSequence, n_pulses: int, probs) -> tuple[list[float], bool]:
-    """Pulses sent per intensity class: exact for a pattern, expected for a stream."""
+def pulses_by_intensity(seq: AliceSequence | None, n_pulses: int,
+                        probs) -> tuple[list[float], bool]:
+    """Pulses sent per intensity class: exact for a pattern, expected for a stream (and
+    for Bob, who does not know Alice's sequence: ``seq`` None)."""
+    if seq is None:
+        return [float(p) * n_pulses for p in probs], False
     if seq.mode == MODE_PATTERN:
         pat = seq.pattern >> 2
         L = pat.shape[0]
@@ -80,7 +84,7 @@ def pulses_by_intensity(seq: AliceSequence, n_pulses: int, probs) -> tuple[list[
 
 
 def build_summary(cfg: BenchConfig, sifter: Sifter, tally: RunTally, *, seed: int | None,
-                  sequence: AliceSequence, pulses_sent: int, duration_s: float,
+                  sequence: AliceSequence | None, pulses_sent: int, duration_s: float,
                   wall_s: float, interrupted: bool, source: str = "simulated bench",
                   sifted_bits: int) -> dict[str, Any]:
     """The summary dict (what ``--json`` prints) of a run or a replay."""
@@ -199,14 +203,16 @@ def format_summary(s: dict[str, Any]) -> str:
     sb = s["sifted_bits_by_basis"]
     lines.append(f"  sifted key (Z)    {s['sifted_bits']:,} bits   "
                  f"({_si(s['sifted_key_rate_bps'], 'bit/s')}); test basis X {sb['X']:,}")
+    over = s.get("qber_bits", sb)   # a host of a two-host link: the bits distilled
     for b in ("Z", "X"):
         lines.append(f"  QBER {b}            {_pct(s['qber'][b], s['qber_std'][b])}   "
-                     f"({s['errors'][b]:,} errors in {sb[b]:,})")
+                     f"({s['errors'][b]:,} errors in {over[b]:,})")
     lines.append("  by intensity      mu        detections      gain        "
                  "sifted Z   QBER Z      sifted X   QBER X")
     for name, d in s["counts_by_intensity"].items():
         gain = f"{d['gain']:.4e}" if d["gain"] is not None else "n/a"
-        lines.append(f"    {name:<8} {d['mean_photon_number']:<9.4g} {d['detections']:>12,}  "
+        det = f"{d['detections']:,}" if d["detections"] is not None else "n/a"
+        lines.append(f"    {name:<8} {d['mean_photon_number']:<9.4g} {det:>12}  "
                      f"{gain:>10}  {d['sifted']['Z']:>11,}  {_pct(d['qber']['Z']):>9}  "
                      f"{d['sifted']['X']:>11,}  {_pct(d['qber']['X']):>9}")
     if "distillation" in s:

@@ -294,3 +294,40 @@ def test_generic_cpu_falls_back_to_fft():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_amplify_is_identity_beside_toeplitz_matrix():
+    """``amplify`` is ``(I | T) x`` with T the m x (n - m) Toeplitz matrix of n - 1 seed
+    bits, computed here from the explicit matrices."""
+    rng = np.random.default_rng(11)
+    for n, m in ((1, 1), (2, 1), (64, 1), (100, 37), (4098, 2049), (4099, 2048), (10_000, 3)):
+        x = rng.integers(0, 2, n, dtype=np.uint8)
+        s = rng.integers(0, 2, pa.amplify_seed_length(n, m), dtype=np.uint8)
+        if m == n:
+            want = x
+        elif 2 * m <= n:
+            assert s.shape[0] == n - 1
+            want = x[:m] ^ pa.toeplitz_reference(x[m:], m, s)
+        else:  # more than half kept: the plain Toeplitz hash
+            assert s.shape[0] == n + m - 1
+            want = pa.toeplitz_reference(x, m, s)
+        assert np.array_equal(pa.amplify(x, m, s), want)
+
+
+def test_amplify_is_universal_on_a_small_family():
+    """Over every seed of a small family, two distinct inputs collide on at most a
+    2^-m fraction of the seeds (universal_2)."""
+    n, m = 6, 2
+    seeds = [np.array([(k >> i) & 1 for i in range(n - 1)], np.uint8)
+             for k in range(1 << (n - 1))]
+    xs = [np.array([(v >> i) & 1 for i in range(n)], np.uint8) for v in range(1 << n)]
+    outs = np.array([[pa.amplify(x, m, s) @ (1 << np.arange(m)) for s in seeds] for x in xs])
+    worst = max(np.mean(outs[i] == outs[j]) for i in range(len(xs)) for j in range(i))
+    assert worst <= 2.0 ** -m
+
+
+def test_amplify_refuses_a_seed_of_the_wrong_length():
+    with pytest.raises(ValueError, match="seed has 10 bits; 99 needed"):
+        pa.amplify(np.zeros(100, np.uint8), 10, np.zeros(10, np.uint8))
+    with pytest.raises(ValueError, match="must be in 0..n"):
+        pa.amplify_seed_length(10, 11)

@@ -7,8 +7,10 @@ exchange over the authenticated classical channel):
    block; Alice counts the errors per intensity class. Alice picks a random
    sample of the key-basis (Z) bits and discloses her bits there; Bob counts
    the errors. The sample is removed from the key. A QBER estimate above
-   ``qber_abort`` in either basis is a **tamper alarm**: the block yields no
-   key and the session stops.
+   ``qber_abort`` in either basis gives no key from the block; when it is above
+   by more than :data:`ALARM_SIGMAS` binomial standard deviations of its
+   sample (so that a few unlucky bits of a small block do not count), it is a
+   **tamper alarm** and the session stops.
 2. **Error correction.** Cascade (:mod:`.cascade`), Bob correcting towards
    Alice, with block sizes from the sampled QBER. Every parity Alice discloses
    counts as leaked. Bob then announces the number of errors he corrected per
@@ -24,9 +26,10 @@ exchange over the authenticated classical channel):
    observed gains say the same (so that it is not a matter of too few counts),
    that is a tamper alarm too (a photon-number-splitting attack leaves the
    QBER low but starves the decoy states).
-5. **Privacy amplification.** Alice draws a Toeplitz seed from her random
-   source and sends it; both hash their corrected keys to the secret length
-   (:mod:`.privacy`). Each side stores the result in its key store.
+5. **Privacy amplification.** Alice draws a seed from her random source and
+   sends it; both hash their corrected keys to the secret length with the
+   modified Toeplitz hash (:func:`.privacy.amplify`, ``n - 1`` seed bits).
+   Each side stores the result in its key store.
 
 What leaks, and is subtracted from the key: Cascade's parities
 (``ec_leaked_bits``), the verification tag beyond the ``log2(2/eps_cor)`` the
@@ -51,12 +54,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import wire
+from .. import codec, wire
 from ..errors import QkdctlError
 from . import cascade, finite_key, privacy, verify
+from .cascade_wire import CompactCascadeChannel
 
 __all__ = [
     "AliceDistiller",
+    "BlockDone",
     "BlockResult",
     "BobDistiller",
     "DistillParams",
@@ -64,6 +69,7 @@ __all__ = [
     "SeededRandom",
     "TamperAlarm",
     "distill_block",
+    "key_digest",
     "point_estimates",
 ]
 
@@ -113,7 +119,8 @@ class BlockOpen:
 
     block: int
     n_key: int
-    test_bits: np.ndarray
+    n_test: int
+    test_bits: bytes             # Bob's test-basis bits, one bit each (packed)
 
 
 @wire.message("distill.Estimate")
@@ -123,8 +130,8 @@ class Estimate:
 
     block: int
     test_errors: np.ndarray      # int64, per intensity class
-    sample: np.ndarray           # int64 positions in the block's key, ascending
-    sample_bits: np.ndarray      # uint8, Alice's bits there
+    sample_seed: bytes           # the sample's positions are drawn from it (32 bytes)
+    sample_bits: bytes           # Alice's bits at the sample's positions (packed)
 
 
 @wire.message("distill.Decision")
@@ -166,6 +173,18 @@ class VerifyResult:
     match: bool
 
 
+@wire.message("distill.BlockDone")
+@dataclass(frozen=True)
+class BlockDone:
+    """Bob -> Alice, when two hosts distil: a block's outcome (the figures of
+    :class:`BlockResult` as JSON, no key material); ``skipped`` when Bob did not
+    distil the block at all (after a tamper alarm)."""
+
+    block: int
+    skipped: bool
+    result_json: str
+
+
 @wire.message("distill.Amplify")
 @dataclass(frozen=True)
 class Amplify:
@@ -173,11 +192,9 @@ class Amplify:
 
     block: int
     out_bits: int
-    seed: bytes                  # n + out_bits - 1 bits, packed, least significant first
+    seed: bytes                  # n - 1 bits (privacy.amplify), packed, least significant first
 
 
-for _cls in (cascade.CascadeStart, cascade.ParityRequest, cascade.ParityReply):
-    wire.register(_cls, "cascade." + _cls.__name__)
 
 
 # ----------------------------------------------------------------------------- data
@@ -245,6 +262,8 @@ class BlockResult:
     abort_reason: str | None = None
     alarm: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: check value of the secret key from public data (:func:`key_digest`), if any
+    key_digest: str | None = None
     #: the secret key (Alice's copy, Bob's copy), kept off the summary
     keys: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
@@ -337,7 +356,8 @@ class _Role:
 
     def __init__(self, params: DistillParams, channel, rng_bytes=secrets.token_bytes):
         self.params = params
-        self.channel = channel
+        # Cascade's requests and replies travel compactly coded (cascade_wire)
+        self.channel = CompactCascadeChannel(channel)
         self.rng_bytes = rng_bytes
 
     def _recv(self, cls, block):
@@ -362,20 +382,26 @@ class AliceDistiller(_Role):
         :attr:`key` holds her secret key of the block, or None.
         """
         self.key = None
+        self.key_digest = None
         ch, p = self.channel, self.params
         nint = len(p.intensities)
         yield
         op = self._recv(BlockOpen, blk.block)
-        if op.n_key != blk.key.shape[0] or op.test_bits.shape != blk.test_bits.shape:
+        if op.n_key != blk.key.shape[0] or op.n_test != blk.test_bits.shape[0]:
             raise ProtocolError(f"alice: block {blk.block}: Bob's block has {op.n_key} key "
-                                f"and {op.test_bits.shape[0]} test bits, Alice's "
+                                f"and {op.n_test} test bits, Alice's "
                                 f"{blk.key.shape[0]} and {blk.test_bits.shape[0]}")
-        wrong = op.test_bits != blk.test_bits
+        try:
+            bob_test = codec.unpack_bases(op.test_bits, op.n_test)
+        except wire.WireError as e:
+            raise ProtocolError(f"alice: block {blk.block}: Bob's test bits: {e}") from None
+        wrong = bob_test != blk.test_bits
         test_errors = np.bincount(blk.test_intensity[wrong], minlength=nint).astype(np.int64)
         n = blk.key.shape[0]
-        k = min(n - 1, max(1, round(p.qber_sample_fraction * n)))
-        sample = _random_sample(n, k, self.rng_bytes)
-        ch.send(Estimate(blk.block, test_errors, sample, blk.key[sample].copy()))
+        sample_seed = self.rng_bytes(32)
+        sample = _random_sample(n, _sample_size(p, n), sample_seed)
+        ch.send(Estimate(blk.block, test_errors, sample_seed,
+                         codec.pack_bases(blk.key[sample])))
         yield
         if not self._recv(Decision, blk.block).proceed:
             return
@@ -395,7 +421,8 @@ class AliceDistiller(_Role):
         if msg.block != blk.block or msg.errors.shape != (nint,):
             raise ProtocolError(f"alice: block {blk.block}: malformed error counts")
         hkey = verify.draw_hash_key(key.shape[0], p.eps_cor, self.rng_bytes)
-        ch.send(VerifyTag(blk.block, hkey, verify.tag(key, hkey)))
+        vtag = verify.tag(key, hkey)
+        ch.send(VerifyTag(blk.block, hkey, vtag))
         yield
         if not self._recv(VerifyResult, blk.block).match:
             return
@@ -403,10 +430,11 @@ class AliceDistiller(_Role):
                          ec.leaked_bits, key.shape[0])
         if fk.secret_bits <= 0:
             return
-        seed_bits = privacy.seed_length(key.shape[0], fk.secret_bits)
+        seed_bits = privacy.amplify_seed_length(key.shape[0], fk.secret_bits)
         raw = self.rng_bytes((seed_bits + 7) // 8)
         ch.send(Amplify(blk.block, fk.secret_bits, raw))
-        self.key = privacy.toeplitz_hash(key, fk.secret_bits, _seed_bits(raw, seed_bits))
+        self.key = privacy.amplify(key, fk.secret_bits, _seed_bits(raw, seed_bits))
+        self.key_digest = key_digest(blk.block, hkey, vtag, fk.secret_bits, raw)
 
 
 class BobDistiller(_Role):
@@ -433,38 +461,51 @@ class BobDistiller(_Role):
         t0 = time.perf_counter()
 
         # 1. estimation ----------------------------------------------------------------
-        send(BlockOpen(b.block, int(b.key.shape[0]), b.test_bits))
+        send(BlockOpen(b.block, int(b.key.shape[0]), int(b.test_bits.shape[0]),
+                       codec.pack_bases(b.test_bits)))
         est = self._recv(Estimate, b.block)
         n = b.key.shape[0]
-        if (est.sample.ndim != 1 or est.sample.shape != est.sample_bits.shape
-                or est.sample.shape[0] >= n or est.test_errors.shape != (nint,)
-                or (est.sample.size and (est.sample.min() < 0 or est.sample.max() >= n))):
+        if len(est.sample_seed) != 32 or est.test_errors.shape != (nint,):
             raise ProtocolError(f"bob: block {b.block}: malformed estimate from Alice")
-        sample_err = int(np.count_nonzero(b.key[est.sample] != est.sample_bits))
-        res.sample_bits = int(est.sample.shape[0])
+        sample = _random_sample(n, _sample_size(p, n), est.sample_seed)
+        try:
+            sample_bits = codec.unpack_bases(est.sample_bits, sample.shape[0])
+        except wire.WireError as e:
+            raise ProtocolError(f"bob: block {b.block}: Alice's sample bits: {e}") from None
+        sample_err = int(np.count_nonzero(b.key[sample] != sample_bits))
+        res.sample_bits = int(sample.shape[0])
         res.qber_sample = _qber(sample_err, res.sample_bits)
         res.qber_test = _qber(int(est.test_errors.sum()), res.test_bits)
         res.seconds["estimate"] = time.perf_counter() - t0
-        alarm = None
+        alarm = stop = None
         for name, q, nq in (("key (Z)", res.qber_sample, res.sample_bits),
                             ("test (X)", res.qber_test, res.test_bits)):
-            if q is not None and q > p.qber_abort:
+            if q is None or q <= p.qber_abort:
+                continue
+            # an alarm only when the excess is beyond the sample's binomial spread
+            # (ALARM_SIGMAS at the threshold): a handful of bits proves nothing
+            spread = ALARM_SIGMAS * math.sqrt(nq * p.qber_abort * (1 - p.qber_abort))
+            if q * nq > nq * p.qber_abort + spread:
                 alarm = (f"QBER {100 * q:.2f} % in the {name} basis ({nq} bits) exceeds "
                          f"{100 * p.qber_abort:.2f} %: the quantum channel is disturbed "
-                         f"(an intercept-resend attack raises it to 25 %; delays or polarization "
-                         "that are not calibrated, to about 50 %)")
+                         f"(an intercept-resend attack raises it to 25 %; delays or "
+                         "polarization that are not calibrated, to about 50 %)")
                 break
+            stop = stop or (f"QBER estimate {100 * q:.2f} % in the {name} basis exceeds "
+                            f"{100 * p.qber_abort:.2f} %, within the spread of its {nq} bits: "
+                            "no key from this block")
         # Cascade's block sizes from a (slightly pessimistic) estimate of the key QBER
         q_est = min(max((sample_err + 1) / (res.sample_bits + 2), 1e-4), 0.25)
-        send(Decision(b.block, alarm is None, alarm or "", float(q_est)))
-        if alarm is not None:
-            res.aborted, res.abort_reason, res.alarm = True, alarm, alarm
+        reason = alarm or stop
+        send(Decision(b.block, reason is None, reason or "", float(q_est)))
+        if reason is not None:
+            res.aborted, res.abort_reason, res.alarm = True, reason, alarm
             return res, None
 
         # 2. error correction ----------------------------------------------------------
         t1 = time.perf_counter()
         keep = np.ones(n, bool)
-        keep[est.sample] = False
+        keep[sample] = False
         key = b.key[keep]
         intensity = b.intensity[keep]
         res.key_bits = int(key.shape[0])
@@ -517,14 +558,14 @@ class BobDistiller(_Role):
         # 5. privacy amplification -----------------------------------------------------
         t3 = time.perf_counter()
         amp = self._recv(Amplify, b.block)
-        seed_bits = privacy.seed_length(res.key_bits, fk.secret_bits)
+        seed_bits = privacy.amplify_seed_length(res.key_bits, fk.secret_bits)
         if amp.out_bits != fk.secret_bits or len(amp.seed) != (seed_bits + 7) // 8:
             raise ProtocolError(f"bob: block {b.block}: Alice's seed is for {amp.out_bits} "
                                 f"bits, the bound gives {fk.secret_bits}")
-        b_key = privacy.toeplitz_hash(corrected, amp.out_bits,
-                                      _seed_bits(amp.seed, seed_bits))
+        b_key = privacy.amplify(corrected, amp.out_bits, _seed_bits(amp.seed, seed_bits))
         res.seconds["privacy_amplification"] = time.perf_counter() - t3
         res.secret_bits = int(fk.secret_bits)
+        res.key_digest = key_digest(b.block, vt.hash_key, vt.tag, amp.out_bits, amp.seed)
         return res, b_key
 
 
@@ -575,6 +616,22 @@ def distill_block(alice: AliceDistiller, bob: BobDistiller, a: KeyBlock,
     return res
 
 
+def key_digest(block: int, hash_key: bytes, tag: bytes, out_bits: int, seed: bytes) -> str:
+    """A check value of a block's secret key from public data only.
+
+    The verification hash function and tag, the secret length and the Toeplitz
+    seed were all sent over the classical channel: two keys with equal digests
+    come from corrected keys that passed verification under the same hash and
+    were hashed with the same seed, so they are equal (up to ``eps_cor``).
+    Comparing digests (key-store reconciliation) discloses nothing new.
+    """
+    h = hashlib.sha256(b"qkdctl key digest v1")
+    for part in (block.to_bytes(8, "little"), hash_key, tag, out_bits.to_bytes(8, "little"),
+                 seed):
+        h.update(len(part).to_bytes(4, "little") + part)
+    return h.hexdigest()[:32]
+
+
 def _seed_bits(raw: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(raw, np.uint8), count=n, bitorder="little")
 
@@ -605,7 +662,13 @@ def _finite_key(p: DistillParams, intensity, test_intensity, errors, test_errors
                                  phase_error_tolerance=p.phase_error_tolerance)
 
 
-def _random_sample(n: int, k: int, rng_bytes) -> np.ndarray:
-    """k distinct positions out of n, uniformly, ascending, from ``rng_bytes``."""
-    rng = np.random.Generator(np.random.PCG64(int.from_bytes(rng_bytes(32), "little")))
+def _sample_size(p: DistillParams, n: int) -> int:
+    """Key-basis bits disclosed to estimate the QBER of a block of ``n`` bits."""
+    return min(n - 1, max(1, round(p.qber_sample_fraction * n)))
+
+
+def _random_sample(n: int, k: int, seed: bytes) -> np.ndarray:
+    """k distinct positions out of n, uniformly, ascending, drawn from a 32-byte seed
+    (Alice sends the seed, not the positions: both sides draw the same sample)."""
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little")))
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)

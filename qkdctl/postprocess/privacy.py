@@ -65,6 +65,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
+    "amplify",
+    "amplify_seed_length",
     "available_backends",
     "backend",
     "clmul64",
@@ -559,6 +561,44 @@ def toeplitz_hash(bits: np.ndarray, out_bits: int, seed_bits: np.ndarray,
         return toeplitz_fft(x, m, s)
     y = _hash_words_clmul(pack_bits(x), n, m, pack_bits(s), meth)
     return unpack_bits(y, m)
+
+
+def amplify_seed_length(n: int, m: int) -> int:
+    """Seed bits of :func:`amplify` from ``n`` bits to ``m``: ``n - 1`` when ``m <= n / 2``,
+    else ``n + m - 1`` (the plain Toeplitz hash), 0 when ``m == n``."""
+    n, m = int(n), int(m)
+    if not 0 <= m <= n:
+        raise ValueError(f"output length m={m} must be in 0..n={n}")
+    if m == n:
+        return 0
+    return seed_length(n - m, m) if 2 * m <= n else seed_length(n, m)
+
+
+def amplify(bits: np.ndarray, out_bits: int, seed_bits: np.ndarray,
+            *, method: str | None = None) -> np.ndarray:
+    """Privacy amplification by the modified Toeplitz hash ``y = (I | T) x``.
+
+    ``y = x[:m] XOR T x[m:]`` with ``T`` the ``m x (n - m)`` Toeplitz matrix of
+    :func:`toeplitz_hash` over the ``n - 1`` seed bits. The family is universal_2
+    (for ``x != x'`` with ``d = x - x'``: if ``d[m:] = 0`` the outputs differ; else
+    ``T d[m:]`` is uniform, so they collide with probability ``2^-m``), as the
+    leftover hash lemma needs, with ``m`` fewer seed bits than the plain Toeplitz
+    hash: Hayashi and Tsurumaru, IEEE Trans. Inf. Theory 62, 2213 (2016). The seed
+    is sent over the classical channel for every block, so this saves a quarter
+    of privacy amplification's traffic at the default bench's compression. When
+    ``m > n / 2`` the plain Toeplitz hash ``T x`` (``n + m - 1`` seed bits) is used.
+    """
+    x = _check_bits(bits, "bits")
+    n, m = x.shape[0], int(out_bits)
+    s = _check_bits(seed_bits, "seed_bits")
+    if s.shape[0] != amplify_seed_length(n, m):
+        raise ValueError(f"seed has {s.shape[0]} bits; {amplify_seed_length(n, m)} needed "
+                         f"to hash {n} bits to {m}")
+    if m == n:
+        return x.copy()
+    if 2 * m > n:
+        return toeplitz_hash(x, m, s, method=method)
+    return x[:m] ^ toeplitz_hash(x[m:], m, s, method=method)
 
 
 def _method(method: str | None) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rng import role_seed
 from .distill import (
     AliceDistiller,
     BlockResult,
@@ -35,9 +36,17 @@ from .distill import (
     distill_block,
 )
 
-__all__ = ["KeyDistillation", "SideBuffer"]
+__all__ = ["KeyDistillation", "SideBuffer", "block_random", "summarise"]
 
 log = logging.getLogger(__name__)
+
+
+def block_random(seed: int, role: str, block: int) -> SeededRandom:
+    """The reproducible random source of one role for one block (simulated bench).
+
+    One stream per block, so that blocks distilled concurrently, in whatever
+    order, draw exactly what they would draw one after the other."""
+    return SeededRandom(seed, f"{role} block {block}")
 
 
 @dataclass
@@ -84,19 +93,18 @@ class KeyDistillation:
     def __init__(self, cfg, alice_channel, bob_channel, *, extra_leak_bits: int = 0,
                  keystores: tuple[Any, Any] | None = None, on_block=None,
                  rng_seed: int | None = None):
-        """``rng_seed``: draw the random choices from this seed (the simulated bench,
-        :class:`.distill.SeededRandom`); None: from the operating system."""
+        """``rng_seed``: draw the random choices from this seed (the simulated bench:
+        Alice's from the run's seed, Bob's from his role seed, a fresh
+        :class:`.distill.SeededRandom` per block, as the two-host session does); None:
+        from the operating system."""
         self.cfg = cfg
         self.block_bits = cfg.postprocess.block_bits
         self.min_block_bits = cfg.postprocess.min_block_bits
         params = DistillParams.from_config(cfg, extra_leak_bits=extra_leak_bits)
         self.params = params
-        if rng_seed is None:
-            rng_a = rng_b = secrets.token_bytes
-        else:
-            rng_a, rng_b = SeededRandom(rng_seed, "alice"), SeededRandom(rng_seed, "bob")
-        self.alice = AliceDistiller(params, alice_channel, rng_a)
-        self.bob = BobDistiller(params, bob_channel, rng_b)
+        self._seeds = None if rng_seed is None else (rng_seed, role_seed(rng_seed, "bob"))
+        self.alice = AliceDistiller(params, alice_channel, secrets.token_bytes)
+        self.bob = BobDistiller(params, bob_channel, secrets.token_bytes)
         self._a = SideBuffer.empty()
         self._b = SideBuffer.empty()
         self._next_block = 0
@@ -141,6 +149,9 @@ class KeyDistillation:
         if self.alarm is not None or self.error is not None:
             self.discarded_bits += b.key.shape[0]
             return
+        if self._seeds is not None:
+            self.alice.rng_bytes = block_random(self._seeds[0], "alice", a.block)
+            self.bob.rng_bytes = block_random(self._seeds[1], "bob", b.block)
         try:
             res = distill_block(self.alice, self.bob, a, b)
         except BaseException as e:  # reported by finish(); stops later blocks
@@ -191,33 +202,39 @@ class KeyDistillation:
     # -- report ----------------------------------------------------------------------------
     def summary(self, duration_s: float) -> dict[str, Any]:
         """The distillation part of the run summary (no key material)."""
-        rs = self.results
-        secret = sum(r.secret_bits for r in rs)
-        leaked = sum(r.ec_leaked_bits for r in rs)
-        denom = 0.0
-        for r in rs:
-            if r.key_bits and r.ec_errors:
-                q = r.ec_errors / r.key_bits
-                denom += r.key_bits * (-q * math.log2(q) - (1 - q) * math.log2(1 - q))
-        phase = [r.finite_key["phase_error_bound"] for r in rs
-                 if r.finite_key and r.finite_key.get("phase_error_bound") is not None]
-        aborted = self.alarm is not None
-        return {
-            "protocol": self.params.protocol,
-            "secret_bits": secret,
-            "secret_key_rate_bps": secret / duration_s if duration_s > 0 else None,
-            "blocks": [r.to_dict() for r in rs],
-            "blocks_distilled": len(rs),
-            "blocks_with_key": sum(1 for r in rs if r.secret_bits > 0),
-            "blocks_failed_verification": sum(1 for r in rs if r.verified is False),
-            "undistilled_bits": self.discarded_bits,
-            "ec_leaked_bits": leaked,
-            "ec_efficiency": leaked / denom if denom > 0 else None,
-            "phase_error_bound": max(phase) if phase else None,
-            "eps_sec": self.params.eps_sec,
-            "eps_cor": self.params.eps_cor,
-            "tamper_alarm": aborted,
-            "aborted": aborted,
-            "abort_reason": self.alarm,
-            "key_ids": list(self.key_ids),
-        }
+        return summarise(self.params, self.results, duration_s, alarm=self.alarm,
+                         discarded_bits=self.discarded_bits, key_ids=self.key_ids)
+
+
+def summarise(params: DistillParams, rs: list[BlockResult], duration_s: float, *,
+              alarm: str | None, discarded_bits: int, key_ids: list[str]) -> dict[str, Any]:
+    """The distillation part of a summary from the blocks' results (no key material)."""
+    secret = sum(r.secret_bits for r in rs)
+    leaked = sum(r.ec_leaked_bits for r in rs)
+    denom = 0.0
+    for r in rs:
+        if r.key_bits and r.ec_errors:
+            q = r.ec_errors / r.key_bits
+            denom += r.key_bits * (-q * math.log2(q) - (1 - q) * math.log2(1 - q))
+    phase = [r.finite_key["phase_error_bound"] for r in rs
+             if r.finite_key and r.finite_key.get("phase_error_bound") is not None]
+    aborted = alarm is not None
+    return {
+        "protocol": params.protocol,
+        "secret_bits": secret,
+        "secret_key_rate_bps": secret / duration_s if duration_s > 0 else None,
+        "blocks": [r.to_dict() for r in rs],
+        "blocks_distilled": len(rs),
+        "blocks_with_key": sum(1 for r in rs if r.secret_bits > 0),
+        "blocks_failed_verification": sum(1 for r in rs if r.verified is False),
+        "undistilled_bits": discarded_bits,
+        "ec_leaked_bits": leaked,
+        "ec_efficiency": leaked / denom if denom > 0 else None,
+        "phase_error_bound": max(phase) if phase else None,
+        "eps_sec": params.eps_sec,
+        "eps_cor": params.eps_cor,
+        "tamper_alarm": aborted,
+        "aborted": aborted,
+        "abort_reason": alarm,
+        "key_ids": list(key_ids),
+    }

@@ -1,0 +1,7 @@
+"""``python -m qkdctl``: the ``qkdctl`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

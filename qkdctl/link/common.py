@@ -1,0 +1,198 @@
+"""What Alice's and Bob's host sessions share: channels, keys, instruments, control.
+
+Channels of the link (the same numbers on both sides): 0 control, 1 sifting,
+2 .. 2 + L - 1 the distillation lanes (``postprocess.blocks_in_flight``). Each
+is an :class:`~qkdctl.auth.AuthenticatedEndpoint` with a session ID made of
+its label and the link's ID, so that a frame of one channel or session is
+refused on any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import wire
+from ..auth import AuthenticatedEndpoint, HmacSha256, WegmanCarter
+from ..config import SIDES, BenchConfig, parse_address
+from ..errors import ConfigError
+from ..protocol import read_psk_file
+from .mux import Link
+
+__all__ = [
+    "Done",
+    "KeyInventory",
+    "Ready",
+    "SIDE_ROLES",
+    "build_side_bench",
+    "open_endpoints",
+    "reconcile_keystores",
+    "side_keystore",
+    "side_psk",
+]
+
+log = logging.getLogger(__name__)
+
+CONTROL, SIFTING, LANES = 0, 1, 2
+CHANNEL_NAMES = {CONTROL: "control", SIFTING: "sifting"}
+
+#: the instruments each host needs, in the order they are armed (made safe in reverse)
+SIDE_ROLES = {"alice": ("laser", "modulator"), "bob": ("detectors", "tagger")}
+
+
+@wire.message("link.Ready")
+@dataclass(frozen=True)
+class Ready:
+    """Alice -> Bob: her laser and encoder are on; Bob may start his tagger."""
+
+    pulses_sent: int
+
+
+@wire.message("link.Done")
+@dataclass(frozen=True)
+class Done:
+    """Either way, at the end: this side has finished every block (and, from Bob, how
+    much bench time his tagger saw)."""
+
+    role: str
+    duration_s: float
+    blocks: int
+
+
+@wire.message("link.KeyInventory")
+@dataclass(frozen=True)
+class KeyInventory:
+    """Either way, at session start: the two-host keys this side holds (IDs and the
+    digests of public data, :func:`qkdctl.postprocess.distill.key_digest`; never key
+    bits)."""
+
+    role: str
+    key_ids: tuple
+    digests: tuple
+
+
+def inventory(store, role: str) -> KeyInventory:
+    if store is None:
+        return KeyInventory(role, (), ())
+    recs = [r for r in store.list() if "digest" in r.meta and not r.delivered]
+    return KeyInventory(role, tuple(r.key_id for r in recs),
+                        tuple(str(r.meta["digest"]) for r in recs))
+
+
+def reconcile_keystores(control, store, role: str) -> dict[str, Any]:
+    """Make this side's two-host keys exactly those the other side holds too.
+
+    Each side sends its inventory and discards every key the other does not hold
+    under the same ID with the same digest: a block one side committed and the
+    other did not (a session that stopped in between) goes on both sides, never a
+    key on one side only, never two keys under one ID. Both sides reach the same
+    conclusion from the same two inventories.
+    """
+    mine = inventory(store, role)
+    control.send(mine)
+    theirs = control.recv()
+    if not isinstance(theirs, KeyInventory) or theirs.role == role \
+            or len(theirs.key_ids) != len(theirs.digests):
+        raise ConfigError("the other side did not send its key inventory")
+    other = dict(zip(theirs.key_ids, theirs.digests, strict=True))
+    discarded = []
+    for key_id, digest in zip(mine.key_ids, mine.digests, strict=True):
+        if other.get(key_id) != digest:
+            why = ("the other side does not hold it" if key_id not in other else
+                   "the other side holds a different key under this ID")
+            store.discard(key_id, f"key-store reconciliation: {why}")
+            discarded.append(key_id)
+    kept = len(mine.key_ids) - len(discarded)
+    if discarded:
+        log.warning("%s: key-store reconciliation discarded %d key(s) the other side does not "
+                    "hold; %d kept", role, len(discarded), kept)
+    return {"kept": kept, "discarded": discarded}
+
+
+def side_psk(cfg: BenchConfig, role: str, override: str | None = None) -> bytes:
+    """This host's copy of the pre-shared key: ``override``, else ``link.<role>_psk_file``,
+    else ``postprocess.psk_file``."""
+    if override:
+        return read_psk_file(override, f"--psk-file {override}")
+    own = getattr(cfg.link, f"{role}_psk_file")
+    if own:
+        return read_psk_file(own, f"{cfg.path}: link.{role}_psk_file", cfg.path)
+    if cfg.postprocess.psk_file:
+        return read_psk_file(cfg.postprocess.psk_file, f"{cfg.path}: postprocess.psk_file",
+                             cfg.path)
+    raise ConfigError(f"{cfg.path}: link.{role}_psk_file: missing; the two hosts authenticate "
+                      "their link with a pre-shared key: give each host a copy of the same "
+                      "file of at least 32 random bytes (mode 600)")
+
+
+def side_keystore(keystore: str | os.PathLike | bool | None, role: str):
+    """This host's key store: ``<keystore>/<role>`` (None: the default; False: none)."""
+    if keystore is False:
+        return None
+    from ..keystore import KeyStore, default_keystore_dir
+
+    top = Path(default_keystore_dir() if keystore in (None, True) else keystore)
+    try:
+        top.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"key store {top}: cannot create: {e.strerror}") from None
+    return KeyStore(top / role)
+
+
+def link_options(cfg: BenchConfig) -> dict[str, Any]:
+    return {"connect_timeout_s": cfg.link.connect_timeout_s,
+            "link_timeout_s": cfg.link.link_timeout_s,
+            "idle_timeout_s": cfg.link.idle_timeout_s,
+            "name": f"link {cfg.name}"}
+
+
+def open_endpoints(link: Link, cfg: BenchConfig, psk: bytes, keystore) -> dict[str, Any]:
+    """The authenticated channels of a session: ``control``, ``sifting`` and ``lanes``."""
+    method = cfg.postprocess.auth
+    if method == "wegman-carter" and keystore is None:
+        raise ConfigError(f"{cfg.path}: postprocess.auth: 'wegman-carter' takes its tag pads "
+                          "from the key store; this session has none")
+    hk = hmac.new(psk, b"qkdctl wegman-carter hash key", hashlib.sha256).digest()[:16]
+
+    def endpoint(number: int, label: str) -> AuthenticatedEndpoint:
+        auth = HmacSha256(psk) if method == "hmac-sha256" else WegmanCarter(hk, keystore)
+        sid = f"link {label}:".encode() + link.link_id
+        return AuthenticatedEndpoint(link.channel(number), auth, link.role, sid)
+
+    lanes = [endpoint(LANES + i, f"lane {i}") for i in range(cfg.postprocess.blocks_in_flight)]
+    return {"control": endpoint(CONTROL, "control"), "sifting": endpoint(SIFTING, "sifting"),
+            "lanes": lanes}
+
+
+def build_side_bench(cfg: BenchConfig, role: str, seed: int):
+    """This host's instruments: the bench file's instruments that belong to ``role``
+    (:data:`qkdctl.config.SIDES`). Mock instruments reach the simulated table at
+    ``link.sim_table``; real ones their own resources."""
+    from ..session import build_real_instruments
+
+    mine = {n: i for n, i in cfg.instruments.items() if SIDES.get(n) == role}
+    others = [n for n in cfg.instruments if n not in SIDES]
+    if others:
+        raise ConfigError(f"{cfg.path}: instruments.{others[0]}: unknown instrument role; "
+                          f"the roles are {', '.join(SIDES)}")
+    missing = [r for r in SIDE_ROLES[role] if r not in mine]
+    if missing:
+        raise ConfigError(f"{cfg.path}: instruments: {role}'s host needs "
+                          f"[instruments.{missing[0]}] ({role} has "
+                          f"{', '.join(SIDE_ROLES[role])})")
+    mock = [n for n, i in mine.items() if i.driver == "mock"]
+    if mock and len(mock) != len(mine):
+        real = next(n for n in mine if n not in mock)
+        raise ConfigError(f"{cfg.path}: instruments.{real}.driver: a real instrument cannot be "
+                          f"combined with mock ones ({', '.join(mock)}) on one host")
+    if mock:
+        from ..drivers.mock import build_remote_bench
+
+        host, port = parse_address(cfg.link.sim_table)
+        return build_remote_bench(cfg, role, host, port, seed)
+    return build_real_instruments(cfg, mine)

@@ -1,0 +1,526 @@
+"""One TCP connection between the two hosts, carrying numbered channels, surviving drops.
+
+:class:`Link` is what Alice's and Bob's sessions talk over. Alice listens
+(:meth:`Link.listen`), Bob connects (:meth:`Link.connect`); either may start
+first: Bob retries until ``connect_timeout_s``. Every connection opens with
+the authenticated handshake of :mod:`.handshake`.
+
+Frames on the connection (each inside the u32 length prefix of
+:class:`~qkdctl.auth.TcpTransport`)::
+
+    b"D" channel u8, seq u64, ack u64, payload    data for one channel
+    b"P" ack u64                                  keep-alive and acknowledgement
+    b"B" reason (UTF-8)                           orderly end of the session
+
+``seq`` numbers the data frames of each direction from 0; ``ack`` is how many
+the sender has received. A data frame is kept until the peer acknowledges it.
+When the connection drops (an error, or nothing heard for
+``idle_timeout_s``: a half-open connection), Bob reconnects; the handshake
+tells each side how many frames the other has, and each sends the rest again
+(duplicates are recognised by their number and dropped). A link that is not
+back within ``link_timeout_s`` has failed: every channel's ``recv_bytes`` and
+``send_bytes`` raises :class:`~qkdctl.auth.TransportError`, and the sessions
+stop. A ``B`` frame ends the link without a wait.
+
+The channel payloads are :class:`~qkdctl.auth.AuthenticatedEndpoint` frames,
+which carry their own numbers and tags; this layer's numbers only repair
+drops. Someone on the path can still cut the link (a denial of service no
+protocol prevents) but cannot make either side accept a forged, dropped,
+reordered or replayed message: those fail authentication above.
+
+While a session runs, Alice keeps listening: a connection that resumes the
+session replaces the old one; anything else (no handshake, a failed one, a
+new session while this one runs) is dropped and logged, and the session goes
+on undisturbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import threading
+import time
+from collections import deque
+
+from ..auth import AuthenticationError, TcpListener, TcpTransport, Transport, TransportError
+from . import handshake as hs
+
+__all__ = ["Link", "LinkChannel", "LinkError"]
+
+log = logging.getLogger(__name__)
+
+_DATA = struct.Struct("<cBQQ")
+_PING = struct.Struct("<cQ")
+_ACK_EVERY_BYTES = 4 << 20
+_HANDSHAKE_MAX_FRAME = 256
+_MAX_FRAME = (1 << 31) - 1
+
+
+class LinkError(TransportError):
+    """The link to the other host failed and did not come back in time."""
+
+
+class Link:
+    """A reliable, multiplexed, reconnecting link to the other host (see the module doc)."""
+
+    def __init__(self, role: str, psk: bytes, *, link_timeout_s: float = 10.0,
+                 idle_timeout_s: float = 5.0, handshake_timeout_s: float = 5.0,
+                 max_buffer_bytes: int = 512 << 20, name: str = "link"):
+        if role not in ("alice", "bob"):
+            raise ValueError("role must be 'alice' or 'bob'")
+        self.role = role
+        self.peer_role = "bob" if role == "alice" else "alice"
+        self.name = name
+        self._key = hs.handshake_key(psk)
+        self.link_timeout_s = link_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.ping_interval_s = max(0.05, min(0.5, idle_timeout_s / 4))
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_buffer_bytes = max_buffer_bytes
+        self.link_id = hs.NEW_LINK
+        self.nonces = (b"", b"")
+        self._cond = threading.Condition()        # receive queues and link state
+        self._send_lock = threading.RLock()       # sequence numbers and socket writes
+        self._queues: dict[int, deque[bytes]] = {}
+        self._conn: TcpTransport | None = None
+        self._next_seq = 0                        # data frames sent
+        self._received = 0                        # data frames received in order
+        self._acked_to_peer = 0
+        self._bytes_since_ack = 0
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._unacked_bytes = 0
+        self._last_rx = time.monotonic()
+        self._down_since: float | None = None
+        self._failed: str | None = None
+        self._peer_closed: str | None = None
+        self._closed = False
+        self._listener: TcpListener | None = None
+        self._target: tuple[str, int] | None = None
+        self._threads: list[threading.Thread] = []
+        self.reconnects = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        #: payload bytes sent per channel (the frames of the messages, without the link's
+        #: framing), for the traffic figures
+        self.sent_by_channel: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        state = self._failed or ("up" if self._conn is not None else "down")
+        return f"Link({self.role}, {self.name}, {state})"
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def listen(cls, host: str, port: int, psk: bytes, *, connect_timeout_s: float = 60.0,
+               on_listening=None, **kw) -> Link:
+        """Alice: listen on ``host:port`` and wait for Bob (up to ``connect_timeout_s``).
+
+        ``on_listening(port)`` is called once the socket listens (port 0 picks one).
+        A connection that fails the handshake is dropped and the wait goes on,
+        except a hello with a wrong authentication tag: the pre-shared keys
+        differ, and that stops the session
+        (:class:`~qkdctl.auth.AuthenticationError`).
+        """
+        link = cls("alice", psk, **kw)
+        link._listener = TcpListener(host, port, backlog=8)
+        if on_listening is not None:
+            on_listening(link._listener.port)
+        deadline = time.monotonic() + connect_timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LinkError(f"{link.name}: Bob did not connect to "
+                                    f"{link._listener.host}:{link._listener.port} within "
+                                    f"{connect_timeout_s:g} s")
+                try:
+                    conn = link._listener.accept(timeout=min(left, 1.0))
+                except TransportError:
+                    continue
+                if link._accept(conn, first=True):
+                    break
+        except BaseException:
+            link._listener.close()
+            raise
+        link._start(acceptor=True)
+        return link
+
+    @classmethod
+    def connect(cls, host: str, port: int, psk: bytes, *, connect_timeout_s: float = 60.0,
+                **kw) -> Link:
+        """Bob: connect to Alice at ``host:port``, retrying up to ``connect_timeout_s``."""
+        link = cls("bob", psk, **kw)
+        link._target = (host, port)
+        deadline = time.monotonic() + connect_timeout_s
+        last = "no attempt"
+        while True:
+            try:
+                link._dial()
+                break
+            except (AuthenticationError, hs.LinkRefused):
+                raise
+            except TransportError as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise LinkError(f"{link.name}: cannot reach Alice at {host}:{port} within "
+                                f"{connect_timeout_s:g} s ({last})")
+            time.sleep(0.2)
+        link._start(acceptor=False)
+        return link
+
+    def _dial(self) -> None:
+        host, port = self._target
+        conn = TcpTransport.connect(host, port, timeout=self.handshake_timeout_s,
+                                    max_frame=_HANDSHAKE_MAX_FRAME)
+        try:
+            link_id, peer_received, na, nb = hs.connect_handshake(
+                conn, self._key, self.link_id, self._received)
+        except BaseException:
+            conn.close()
+            raise
+        if self.link_id == hs.NEW_LINK:
+            self.link_id = link_id
+            self.nonces = (na, nb)
+        self._install(conn, peer_received)
+
+    def _accept(self, conn: TcpTransport, *, first: bool) -> bool:
+        """Alice: run the handshake on a new connection; True if it is now the link's."""
+        conn.set_timeout(self.handshake_timeout_s)
+        conn.max_frame = _HANDSHAKE_MAX_FRAME
+        try:
+            nonce = hs.challenge(conn)
+            hello = hs.check_hello(conn, self._key, nonce)
+        except hs.HandshakeError as e:
+            log.warning("%s: dropped a connection from %s: %s", self.name, conn.peer, e)
+            conn.close()
+            return False
+        except AuthenticationError as e:
+            conn.close()
+            if first:
+                raise
+            log.warning("%s: dropped a connection from %s: %s", self.name, conn.peer, e)
+            return False
+        except TransportError as e:
+            log.warning("%s: dropped a connection from %s: %s", self.name, conn.peer, e)
+            conn.close()
+            return False
+        try:
+            if first:
+                if hello.link_id != hs.NEW_LINK:
+                    hs.welcome(conn, self._key, hello, hs.UNKNOWN_LINK, hello.link_id, 0)
+                    log.warning("%s: dropped %s: it resumes a session this process does "
+                                "not have", self.name, conn.peer)
+                    conn.close()
+                    return False
+                self.link_id = hs.new_link_id(hello)
+                self.nonces = (hello.nonce_a, hello.nonce_b)
+            elif hello.link_id != self.link_id:
+                hs.welcome(conn, self._key, hello, hs.BUSY, hs.NEW_LINK, 0)
+                log.warning("%s: dropped %s: a new session while this one runs", self.name,
+                            conn.peer)
+                conn.close()
+                return False
+            hs.welcome(conn, self._key, hello, hs.OK, self.link_id, self._received)
+        except TransportError as e:
+            log.warning("%s: dropped a connection from %s: %s", self.name, conn.peer, e)
+            conn.close()
+            return False
+        self._install(conn, hello.received)
+        return True
+
+    def _install(self, conn: TcpTransport, peer_received: int) -> None:
+        """Make ``conn`` the link's connection and send again what the peer lacks."""
+        conn.set_timeout(None)
+        conn.max_frame = _MAX_FRAME
+        with self._send_lock:
+            if peer_received > self._next_seq:
+                conn.close()
+                raise hs.HandshakeError(f"the peer claims {peer_received} frames; "
+                                        f"{self._next_seq} were sent")
+            self._trim(peer_received)
+            if self._unacked and self._unacked[0][0] > peer_received:
+                conn.close()
+                self._fail(f"frames {peer_received}..{self._unacked[0][0] - 1} to "
+                           f"{self.peer_role} are lost: the link cannot resume")
+                return
+            old, self._conn = self._conn, conn
+            if old is not None:
+                old.close()
+            with self._cond:
+                self._down_since = None
+                self._last_rx = time.monotonic()
+            try:
+                for _, frame in self._unacked:
+                    conn.send_bytes(frame)
+                    self.bytes_sent += len(frame) + 4
+            except TransportError as e:
+                self._drop(conn, str(e))
+                return
+        t = threading.Thread(target=self._reader, args=(conn,), daemon=True,
+                             name=f"qkdctl-{self.role}-link-reader")
+        t.start()
+        self._threads.append(t)
+        if self.nonces != (b"", b"") and old is not None or self.reconnects:
+            log.info("%s: connection to %s restored", self.name, self.peer_role)
+
+    def _start(self, *, acceptor: bool) -> None:
+        t = threading.Thread(target=self._maintain, daemon=True,
+                             name=f"qkdctl-{self.role}-link")
+        t.start()
+        self._threads.append(t)
+        if acceptor:
+            t = threading.Thread(target=self._acceptor, daemon=True,
+                                 name=f"qkdctl-{self.role}-link-accept")
+            t.start()
+            self._threads.append(t)
+
+    # ------------------------------------------------------------------ channels
+    def channel(self, number: int) -> LinkChannel:
+        """The transport of channel ``number`` (0..255; the same number on both sides)."""
+        if not 0 <= number <= 255:
+            raise ValueError("channel numbers are 0..255")
+        with self._cond:
+            self._queues.setdefault(number, deque())
+        return LinkChannel(self, number)
+
+    def send(self, number: int, payload: bytes) -> None:
+        with self._send_lock:
+            self._check()
+            while self._unacked_bytes > self.max_buffer_bytes:
+                # the peer is far behind (or away): wait for acknowledgements
+                with self._cond:
+                    self._cond.wait(0.1)
+                self._check()
+            seq = self._next_seq
+            self._next_seq += 1
+            self.sent_by_channel[number] = self.sent_by_channel.get(number, 0) + len(payload)
+            frame = _DATA.pack(b"D", number, seq, self._received) + payload
+            self._unacked.append((seq, frame))
+            self._unacked_bytes += len(frame)
+            self._acked_to_peer = self._received
+            conn = self._conn
+            if conn is not None:
+                try:
+                    conn.send_bytes(frame)
+                    self.bytes_sent += len(frame) + 4
+                except TransportError as e:
+                    self._drop(conn, str(e))
+
+    def recv(self, number: int, timeout: float | None = None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            q = self._queues.setdefault(number, deque())
+            while not q:
+                if self._failed is not None:
+                    raise LinkError(self._failed)
+                if self._peer_closed is not None:
+                    raise LinkError(f"{self.name}: {self.peer_role} ended the session "
+                                    f"({self._peer_closed})")
+                if self._closed:
+                    raise TransportError(f"{self.name}: the link is closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TransportError(f"{self.name}: nothing from {self.peer_role} within "
+                                         f"{timeout} s")
+                self._cond.wait(left)
+            return q.popleft()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def failed(self) -> str | None:
+        return self._failed
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise LinkError(self._failed)
+        if self._closed:
+            raise TransportError(f"{self.name}: the link is closed")
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            if self._failed is None:
+                self._failed = reason
+                log.error("%s", reason)
+            self._cond.notify_all()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _trim(self, acked: int) -> None:
+        while self._unacked and self._unacked[0][0] < acked:
+            _, frame = self._unacked.popleft()
+            self._unacked_bytes -= len(frame)
+
+    def _drop(self, conn: TcpTransport, reason: str) -> None:
+        """The connection ``conn`` is gone: wait for it to come back (or fail)."""
+        with self._cond:
+            if self._conn is not conn:
+                conn.close()
+                return
+            self._conn = None
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+            closed = self._closed or self._peer_closed is not None
+        conn.close()
+        if not closed and self._failed is None:
+            log.warning("%s: connection to %s lost (%s); waiting up to %g s for it to come "
+                        "back", self.name, self.peer_role, reason, self.link_timeout_s)
+
+    # ------------------------------------------------------------------ threads
+    def _reader(self, conn: TcpTransport) -> None:
+        while True:
+            try:
+                frame = conn.recv_bytes()
+            except TransportError as e:
+                self._drop(conn, str(e))
+                return
+            if self._conn is not conn:
+                return
+            self.bytes_received += len(frame) + 4
+            kind = frame[:1]
+            with self._cond:
+                self._last_rx = time.monotonic()
+            if kind == b"D" and len(frame) >= _DATA.size:
+                _, number, seq, ack = _DATA.unpack_from(frame)
+                self._on_ack(ack, conn)
+                if seq < self._received:
+                    continue  # sent again after a reconnect: already have it
+                if seq > self._received:
+                    self._drop(conn, f"frame {seq} on channel {number} out of order "
+                               f"(expected {self._received})")
+                    return
+                with self._cond:
+                    self._queues.setdefault(number, deque()).append(frame[_DATA.size:])
+                    self._received += 1
+                    self._cond.notify_all()
+                self._bytes_since_ack += len(frame)
+                if self._bytes_since_ack >= _ACK_EVERY_BYTES:
+                    self._ping(conn)
+            elif kind == b"P" and len(frame) == _PING.size:
+                self._on_ack(_PING.unpack(frame)[1], conn)
+            elif kind == b"B":
+                reason = frame[1:].decode("utf-8", "replace")[:500]
+                with self._cond:
+                    self._peer_closed = reason or "no reason given"
+                    self._cond.notify_all()
+                log.info("%s: %s ended the link: %s", self.name, self.peer_role,
+                         self._peer_closed)
+                return
+            else:
+                self._drop(conn, f"malformed link frame ({len(frame)} bytes)")
+                return
+
+    def _on_ack(self, ack: int, conn: TcpTransport) -> None:
+        with self._send_lock:
+            if ack > self._next_seq:
+                self._drop(conn, f"acknowledgement of frame {ack} never sent")
+                return
+            self._trim(ack)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _ping(self, conn: TcpTransport) -> None:
+        with self._send_lock:
+            if self._conn is not conn:
+                return
+            self._bytes_since_ack = 0
+            self._acked_to_peer = self._received
+            try:
+                conn.send_bytes(_PING.pack(b"P", self._received))
+                self.bytes_sent += _PING.size + 4
+            except TransportError as e:
+                self._drop(conn, str(e))
+
+    def _maintain(self) -> None:
+        last_dial = 0.0
+        while True:
+            time.sleep(self.ping_interval_s)
+            if self._closed or self._failed is not None or self._peer_closed is not None:
+                return
+            conn = self._conn
+            now = time.monotonic()
+            if conn is not None:
+                if now - self._last_rx > self.idle_timeout_s:
+                    self._drop(conn, f"nothing heard for {self.idle_timeout_s:g} s")
+                else:
+                    self._ping(conn)
+                continue
+            down = self._down_since or now
+            if now - down > self.link_timeout_s:
+                self._fail(f"{self.name}: the connection to {self.peer_role} was lost and "
+                           f"did not come back within {self.link_timeout_s:g} s")
+                return
+            if self._target is not None and now - last_dial >= 0.25:
+                last_dial = now
+                try:
+                    self._dial()
+                    self.reconnects += 1
+                except AuthenticationError as e:
+                    self._fail(f"{self.name}: reconnecting: {e}")
+                    return
+                except TransportError as e:
+                    log.debug("%s: reconnect failed: %s", self.name, e)
+
+    def _acceptor(self) -> None:
+        listener = self._listener
+        while not (self._closed or self._failed is not None or self._peer_closed is not None):
+            try:
+                conn = listener.accept(timeout=0.5)
+            except TransportError:
+                continue
+            # each handshake in its own thread: a silent peer must not block the real one
+            threading.Thread(target=self._accept_later, args=(conn,), daemon=True,
+                             name=f"qkdctl-{self.role}-handshake").start()
+
+    def _accept_later(self, conn: TcpTransport) -> None:
+        if self._accept(conn, first=False):
+            self.reconnects += 1
+
+    # ------------------------------------------------------------------ closing
+    def close(self, reason: str = "session ended") -> None:
+        """End the link: tell the peer (so that it does not wait), close everything."""
+        if self._closed:
+            return
+        conn = self._conn
+        if conn is not None and self._failed is None:
+            with contextlib.suppress(TransportError):
+                with self._send_lock:
+                    conn.send_bytes(b"B" + reason.encode("utf-8")[:500])
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._conn = None
+        if conn is not None:
+            conn.close()
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LinkChannel(Transport):
+    """One channel of a :class:`Link`, as a :class:`~qkdctl.auth.Transport`."""
+
+    def __init__(self, link: Link, number: int):
+        self.link = link
+        self.number = number
+
+    def __repr__(self) -> str:
+        return f"LinkChannel({self.link!r}, {self.number})"
+
+    def send_bytes(self, data: bytes) -> None:
+        self.link.send(self.number, bytes(data))
+
+    def recv_bytes(self) -> bytes:
+        return self.link.recv(self.number)
+
+    def close(self) -> None:
+        pass  # the link is closed as a whole
