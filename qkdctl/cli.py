@@ -162,35 +162,23 @@ def _port_file(path: str | None):
     return write
 
 
-def cmd_alice(args: argparse.Namespace) -> int:
-    from .link.alice import run_alice
+def cmd_side(args: argparse.Namespace) -> int:
+    """``qkdctl alice`` and ``qkdctl bob``: one host of a two-host link."""
     from .link.report import format_side_summary
 
     cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    common = {"seed": args.seed, "progress": progress, "psk_file": args.psk_file,
+              "keystore": False if args.no_keystore else args.keystore}
     try:
-        summary = run_alice(cfg, seed=args.seed, progress=progress,
-                            keystore=False if args.no_keystore else args.keystore,
-                            psk_file=args.psk_file, on_listening=_port_file(args.port_file))
-    finally:
-        progress.close()
-    if args.json:
-        _print_json(summary)
-    else:
-        print(format_side_summary(summary))
-    return _exit_status(summary)
+        if args.command == "alice":
+            from .link.alice import run_alice
 
+            summary = run_alice(cfg, on_listening=_port_file(args.port_file), **common)
+        else:
+            from .link.bob import run_bob
 
-def cmd_bob(args: argparse.Namespace) -> int:
-    from .link.bob import run_bob
-    from .link.report import format_side_summary
-
-    cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
-    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
-    try:
-        summary = run_bob(cfg, duration_s=args.duration, seed=args.seed, progress=progress,
-                          keystore=False if args.no_keystore else args.keystore,
-                          psk_file=args.psk_file)
+            summary = run_bob(cfg, duration_s=args.duration, **common)
     finally:
         progress.close()
     if args.json:
@@ -513,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to listen for Bob (default: link.alice_listen)")
     al.add_argument("--port-file", metavar="FILE",
                     help="write the port listened on to FILE once listening")
-    al.set_defaults(func=cmd_alice)
+    al.set_defaults(func=cmd_side)
 
     bo = sub.add_parser("bob", help="Bob's host of a two-host link: detectors, tagger; "
                                     "connects to Alice",
@@ -525,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bench time to acquire (default 2)")
     bo.add_argument("--alice", metavar="HOST:PORT",
                     help="Alice's address (default: link.alice_address)")
-    bo.set_defaults(func=cmd_bob)
+    bo.set_defaults(func=cmd_side)
 
     st = sub.add_parser("sim-table", help="the simulated optical table as a process of its "
                                           "own, for two-host sessions on the simulated bench",

@@ -98,7 +98,7 @@ def _backend(cfg: BenchConfig, inst) -> str:
     return b
 
 
-class _StopRequest:
+class StopRequest:
     """SIGINT handler for the duration of a run: first Ctrl-C stops, second aborts."""
 
     def __init__(self):
@@ -307,7 +307,7 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
 
     simulated = all(i.driver == "mock" for i in cfg.instruments.values())
     stores = open_keystores(keystore) if cfg.postprocess.enabled else None
-    with _StopRequest() as ctrl_c, contextlib.ExitStack() as outer, \
+    with StopRequest() as ctrl_c, contextlib.ExitStack() as outer, \
             SiftingPipeline(cfg, seed, sequence, keystores=stores, sifted_digest=sifted_digest,
                             allow_fresh_psk=simulated) as pipe:
         with contextlib.ExitStack() as stack:
@@ -321,16 +321,7 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
                     record, cfg, seed, sequence, instruments=_instrument_record(bench),
                     flush_interval_s=flush_interval_s, compression=compression,
                     overwrite=overwrite))
-            if hasattr(mod, "load_pattern"):
-                # a pattern generator plays Alice's pattern at the pulse rate (a simulated
-                # encoder reads the sequence itself)
-                if sequence.mode != MODE_PATTERN:
-                    raise ConfigError(f"{cfg.path}: source.sequence: the modulator "
-                                      f"({cfg.instruments['modulator'].driver}) plays a "
-                                      "repeating pattern: set sequence = \"pattern\"")
-                mod.load_pattern(sequence.pattern)
-                if hasattr(mod, "set_pulse_rate_hz"):
-                    mod.set_pulse_rate_hz(cfg.source.rep_rate_hz)
+            load_sequence(cfg, mod, sequence)
             det_inst.bias_on()
             laser.output_on()
             mod.start()
@@ -374,19 +365,43 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
     return summary
 
 
-def open_keystores(keystore: str | os.PathLike | bool | None):
-    """(Alice's, Bob's) key stores under ``keystore`` (None: the default; False: none)."""
+def load_sequence(cfg: BenchConfig, mod, sequence: AliceSequence) -> None:
+    """Give the encoder Alice's choices: a pattern generator gets her pattern and the
+    pulse rate; a simulated encoder her sequence."""
+    if hasattr(mod, "load_pattern"):
+        if sequence.mode != MODE_PATTERN:
+            raise ConfigError(f"{cfg.path}: source.sequence: the modulator "
+                              f"({cfg.instruments['modulator'].driver}) plays a "
+                              "repeating pattern: set sequence = \"pattern\"")
+        mod.load_pattern(sequence.pattern)
+        if hasattr(mod, "set_pulse_rate_hz"):
+            mod.set_pulse_rate_hz(cfg.source.rep_rate_hz)
+    if hasattr(mod, "load_sequence"):
+        mod.load_sequence(sequence)
+
+
+def keystore_dir(keystore: str | os.PathLike | bool | None) -> Path | None:
+    """The key store directory ``keystore`` names, created 0700 (None: the default;
+    False: none)."""
     if keystore is False:
         return None
 
-    from .keystore import KeyStore, default_keystore_dir
+    from .keystore import default_keystore_dir
 
     top = Path(default_keystore_dir() if keystore in (None, True) else keystore)
     try:
         top.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"key store {top}: cannot create: {e.strerror}") from None
-    return KeyStore(top / "alice"), KeyStore(top / "bob")
+    return top
+
+
+def open_keystores(keystore: str | os.PathLike | bool | None):
+    """(Alice's, Bob's) key stores under ``keystore`` (None: the default; False: none)."""
+    from .keystore import KeyStore
+
+    top = keystore_dir(keystore)
+    return None if top is None else (KeyStore(top / "alice"), KeyStore(top / "bob"))
 
 
 def _ratio(a, b) -> float | None:

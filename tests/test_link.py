@@ -266,10 +266,12 @@ def test_key_store_reconciliation_keeps_exactly_the_common_keys(tmp_path):
     bits = np.random.default_rng(1).integers(0, 2, (5, 256), dtype=np.uint8)
     for i in range(5):
         if i != 3:
-            a.add(bits[i], 1e-9, {"digest": f"d{i}"}, key_id=f"k{i}")
+            a.add(bits[i], 1e-9, {"digest": f"d{i}", "link": True}, key_id=f"k{i}")
         if i != 1:
-            b.add(bits[i], 1e-9, {"digest": "other" if i == 4 else f"d{i}"}, key_id=f"k{i}")
-    a.add(bits[0], 1e-9, {"source": "one-process run"}, key_id="local")  # not a link key
+            b.add(bits[i], 1e-9, {"digest": "other" if i == 4 else f"d{i}", "link": True},
+                  key_id=f"k{i}")
+    # a one-process run's key is not the other host's business
+    a.add(bits[0], 1e-9, {"digest": "d0"}, key_id="local")
     ta, tb = QueueTransport.pair(timeout=5)
     ea = AuthenticatedEndpoint(ta, HmacSha256(PSK), "alice", b"test")
     eb = AuthenticatedEndpoint(tb, HmacSha256(PSK), "bob", b"test")

@@ -26,19 +26,19 @@ from ..config import BenchConfig, parse_address
 from ..errors import ConfigError
 from ..postprocess.lanes import AliceLanes
 from ..protocol import AliceRole, SiftCoding
-from ..sequence import MODE_PATTERN, AliceSequence
+from ..sequence import AliceSequence
+from ..session import StopRequest, load_sequence, new_seed
 from ..sifting import SiftStats
-from .agreement import agreement, compare
 from .common import (
-    CHANNEL_NAMES,
     Done,
     Ready,
     build_side_bench,
+    link_figures,
     link_options,
-    open_endpoints,
-    reconcile_keystores,
+    meet,
     side_keystore,
     side_psk,
+    stop_reason,
 )
 from .mux import Link
 from .report import add_public_counts, alice_summary, apply_distillation
@@ -69,8 +69,6 @@ def run_alice(cfg: BenchConfig, seed: int | None = None, *, keystore=None,
     store receives her keys (False: none); ``on_listening(port)`` is called
     once she listens.
     """
-    from ..session import _StopRequest, new_seed
-
     seed = new_seed() if seed is None else seed
     sequence = AliceSequence.from_config(cfg.source, seed)
     psk = side_psk(cfg, "alice", psk_file)
@@ -83,35 +81,29 @@ def run_alice(cfg: BenchConfig, seed: int | None = None, *, keystore=None,
     link = Link.listen(host, port, psk, on_listening=on_listening, **link_options(cfg))
     log.info("alice: Bob connected")
     try:
-        with _StopRequest() as ctrl_c:
+        with StopRequest() as ctrl_c:
             s = _session(cfg, link, psk, store, seed, sequence, bench, progress, ctrl_c,
                          t_wall)
     except BaseException as e:
-        link.close("Alice stopped: " + " ".join((str(e) or type(e).__name__).split())[:400])
+        link.close(stop_reason("Alice", e))
         raise
     link.close()
-    s["link"] = {"reconnects": link.reconnects, "bytes_sent": link.bytes_sent,
-                 "bytes_received": link.bytes_received,
-                 "sent_by_channel": {CHANNEL_NAMES.get(k, f"lane {k - 2}"): v
-                                     for k, v in sorted(link.sent_by_channel.items())}}
+    s["link"] = link_figures(link)
     return s
 
 
 def _session(cfg, link, psk, store, seed, sequence, bench, progress, ctrl_c,
              t_wall) -> dict[str, Any]:
     session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + link.link_id.hex()[:8]
-    eps = open_endpoints(link, cfg, psk, store)
+    eps, _, reconciled = meet(link, cfg, psk, store, "alice", session)
     control = eps["control"]
-    mine = agreement(cfg, "alice", session)
-    control.send(mine)
-    compare(mine, control.recv(), cfg.path)
-    reconciled = reconcile_keystores(control, store, "alice")
     if bench is None:
         bench = build_side_bench(cfg, "alice", seed)
     simulated = all(i.driver == "mock" for n, i in cfg.instruments.items() if n in bench)
     lanes = AliceLanes(cfg, eps["lanes"], keystore=store, key_prefix=session,
                        rng_seed=seed if simulated else None,
-                       meta={"bench": cfg.name, "role": "alice", "session": session}) \
+                       meta={"bench": cfg.name, "role": "alice", "session": session,
+                             "link": True}) \
         if cfg.postprocess.enabled else None
     alice = AliceRole(sequence, eps["sifting"], SiftCoding.from_config(cfg))
     stats = SiftStats(len(cfg.source.mean_photon_numbers))
@@ -122,16 +114,7 @@ def _session(cfg, link, psk, store, seed, sequence, bench, progress, ctrl_c,
             laser, mod = bench["laser"], bench["modulator"]
             stack.enter_context(laser)
             stack.enter_context(mod)
-            if hasattr(mod, "load_pattern"):
-                if sequence.mode != MODE_PATTERN:
-                    raise ConfigError(f"{cfg.path}: source.sequence: the modulator "
-                                      f"({cfg.instruments['modulator'].driver}) plays a "
-                                      "repeating pattern: set sequence = \"pattern\"")
-                mod.load_pattern(sequence.pattern)
-                if hasattr(mod, "set_pulse_rate_hz"):
-                    mod.set_pulse_rate_hz(cfg.source.rep_rate_hz)
-            if hasattr(mod, "load_sequence"):
-                mod.load_sequence(sequence)
+            load_sequence(cfg, mod, sequence)
             laser.output_on()
             mod.start()
             control.send(Ready(0))

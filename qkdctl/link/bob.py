@@ -29,19 +29,19 @@ from ..config import BenchConfig, parse_address
 from ..errors import ConfigError
 from ..postprocess.lanes import BobLanes
 from ..protocol import BobRole, SiftCoding
+from ..session import StopRequest, new_seed
 from ..sifting import SiftParams, SiftStats
 from ..summary import build_summary
-from .agreement import agreement, compare
 from .common import (
-    CHANNEL_NAMES,
     Done,
     Ready,
     build_side_bench,
+    link_figures,
     link_options,
-    open_endpoints,
-    reconcile_keystores,
+    meet,
     side_keystore,
     side_psk,
+    stop_reason,
 )
 from .mux import Link
 from .report import add_public_counts, apply_distillation
@@ -87,10 +87,6 @@ class BobSifting:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e) or type(e).__name__).split())[:400]
-
-
 def run_bob(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = None, *,
             block_s: float = 0.01, progress: Callable[[dict[str, Any]], None] | None = None,
             stop: Callable[[], bool] | None = None, keystore=None, psk_file: str | None = None,
@@ -102,8 +98,6 @@ def run_bob(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = None, 
     ``keystore``: the directory whose ``bob/`` store receives his keys (False:
     none); ``psk_file`` overrides the bench file's pre-shared key file.
     """
-    from ..session import _StopRequest, new_seed
-
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise ConfigError(f"duration {duration_s!r} s: give a positive number of seconds")
     seed = new_seed() if seed is None else seed
@@ -114,37 +108,30 @@ def run_bob(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = None, 
     log.info("bob: connecting to Alice at %s:%d", host, port)
     link = Link.connect(host, port, psk, **link_options(cfg))
     try:
-        with _StopRequest() as ctrl_c:
+        with StopRequest() as ctrl_c:
             s = _session(cfg, link, psk, store, seed, duration_s, block_s, progress,
                          lambda: ctrl_c.requested or (stop is not None and stop()), bench,
                          window, t_wall)
     except BaseException as e:
-        link.close(f"Bob stopped: {_one_line(e)}")
+        link.close(stop_reason("Bob", e))
         raise
     link.close()
-    s["link"] = {"reconnects": link.reconnects, "bytes_sent": link.bytes_sent,
-                 "bytes_received": link.bytes_received,
-                 "sent_by_channel": {CHANNEL_NAMES.get(k, f"lane {k - 2}"): v
-                                     for k, v in sorted(link.sent_by_channel.items())}}
+    s["link"] = link_figures(link)
     return s
 
 
 def _session(cfg, link, psk, store, seed, duration_s, block_s, progress, stop_requested,
              bench, window, t_wall) -> dict[str, Any]:
-    eps = open_endpoints(link, cfg, psk, store)
+    eps, session, reconciled = meet(link, cfg, psk, store, "bob")
     control = eps["control"]
-    mine = agreement(cfg, "bob")
-    control.send(mine)
-    theirs = control.recv()
-    compare(mine, theirs, cfg.path)
-    reconciled = reconcile_keystores(control, store, "bob")
     if bench is None:
         bench = build_side_bench(cfg, "bob", seed)
     simulated = all(i.driver == "mock" for n, i in cfg.instruments.items() if n in bench)
     params = SiftParams.from_config(cfg, seed)
-    lanes = BobLanes(cfg, eps["lanes"], keystore=store, key_prefix=theirs.session,
+    lanes = BobLanes(cfg, eps["lanes"], keystore=store, key_prefix=session,
                      rng_seed=seed if simulated else None,
-                     meta={"bench": cfg.name, "role": "bob", "session": theirs.session}) \
+                     meta={"bench": cfg.name, "role": "bob", "session": session,
+                             "link": True}) \
         if cfg.postprocess.enabled else None
     sifting = BobSifting(params, eps["sifting"], lanes, coding=SiftCoding.from_config(cfg),
                          window=window)

@@ -14,7 +14,6 @@ import hmac
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import wire
@@ -22,6 +21,7 @@ from ..auth import AuthenticatedEndpoint, HmacSha256, WegmanCarter
 from ..config import SIDES, BenchConfig, parse_address
 from ..errors import ConfigError
 from ..protocol import read_psk_file
+from .agreement import agreement, compare
 from .mux import Link
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "Ready",
     "SIDE_ROLES",
     "build_side_bench",
+    "link_figures",
+    "meet",
     "open_endpoints",
     "reconcile_keystores",
     "side_keystore",
@@ -79,7 +81,10 @@ class KeyInventory:
 def inventory(store, role: str) -> KeyInventory:
     if store is None:
         return KeyInventory(role, (), ())
-    recs = [r for r in store.list() if "digest" in r.meta and not r.delivered]
+    # only the keys two-host sessions made: a one-process run's keys are both halves on
+    # one host, and none of the other host's business
+    recs = [r for r in store.list() if r.meta.get("link") and "digest" in r.meta
+            and not r.delivered]
     return KeyInventory(role, tuple(r.key_id for r in recs),
                         tuple(str(r.meta["digest"]) for r in recs))
 
@@ -132,16 +137,11 @@ def side_psk(cfg: BenchConfig, role: str, override: str | None = None) -> bytes:
 
 def side_keystore(keystore: str | os.PathLike | bool | None, role: str):
     """This host's key store: ``<keystore>/<role>`` (None: the default; False: none)."""
-    if keystore is False:
-        return None
-    from ..keystore import KeyStore, default_keystore_dir
+    from ..keystore import KeyStore
+    from ..session import keystore_dir
 
-    top = Path(default_keystore_dir() if keystore in (None, True) else keystore)
-    try:
-        top.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"key store {top}: cannot create: {e.strerror}") from None
-    return KeyStore(top / role)
+    top = keystore_dir(keystore)
+    return None if top is None else KeyStore(top / role)
 
 
 def link_options(cfg: BenchConfig) -> dict[str, Any]:
@@ -167,6 +167,34 @@ def open_endpoints(link: Link, cfg: BenchConfig, psk: bytes, keystore) -> dict[s
     lanes = [endpoint(LANES + i, f"lane {i}") for i in range(cfg.postprocess.blocks_in_flight)]
     return {"control": endpoint(CONTROL, "control"), "sifting": endpoint(SIFTING, "sifting"),
             "lanes": lanes}
+
+
+def meet(link: Link, cfg: BenchConfig, psk: bytes, store, role: str,
+         session: str = "") -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Open the session's channels, check that both bench files agree, reconcile the
+    key stores. Returns (endpoints, the session's key-ID prefix (Alice's), what the
+    reconciliation kept and discarded)."""
+    eps = open_endpoints(link, cfg, psk, store)
+    control = eps["control"]
+    mine = agreement(cfg, role, session)
+    control.send(mine)
+    theirs = control.recv()
+    compare(mine, theirs, cfg.path)
+    reconciled = reconcile_keystores(control, store, role)
+    return eps, session if role == "alice" else theirs.session, reconciled
+
+
+def link_figures(link: Link) -> dict[str, Any]:
+    """What the link carried (for the summary)."""
+    return {"reconnects": link.reconnects, "bytes_sent": link.bytes_sent,
+            "bytes_received": link.bytes_received,
+            "sent_by_channel": {CHANNEL_NAMES.get(k, f"lane {k - LANES}"): v
+                                for k, v in sorted(link.sent_by_channel.items())}}
+
+
+def stop_reason(role: str, e: BaseException) -> str:
+    """The one line a stopping host sends the other."""
+    return f"{role} stopped: " + " ".join((str(e) or type(e).__name__).split())[:400]
 
 
 def build_side_bench(cfg: BenchConfig, role: str, seed: int):

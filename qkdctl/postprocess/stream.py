@@ -159,7 +159,8 @@ class KeyDistillation:
             raise
         if res.keys is not None and self.keystores is not None:
             meta = {"block": res.block, "bench": self.cfg.name, "protocol": self.params.protocol,
-                    "eps_sec": self.params.eps_sec, "eps_cor": self.params.eps_cor}
+                    "eps_sec": self.params.eps_sec, "eps_cor": self.params.eps_cor,
+                    "digest": res.key_digest}
             eps = self.params.eps_sec + self.params.eps_cor
             key_id = f"{self.session_id}-b{res.block:05d}"
             for store, k in zip(self.keystores, res.keys, strict=True):
