@@ -112,6 +112,8 @@ class _Pipe:
             self.can_write.notify_all()
 
     def _put(self, data: bytes | None) -> None:
+        if data:
+            data = self.conn.proxy._tamper(self.up, data)
         # FIFO even when `delay` is lowered at run time
         due = max(time.monotonic() + self.conn.proxy.delay, self.last_due)
         self.last_due = due
@@ -343,6 +345,7 @@ class NetProxy:
         self._closing = False
         self._closed = False
         self._frozen = False
+        self._corrupt: list | None = None   # [up?, bytes to let through first]
         self._block_until = 0.0
         self._block_mode = "reset"
         self._gen = self._applied = 0  # block state changes asked / seen by the acceptor
@@ -467,6 +470,29 @@ class NetProxy:
     @property
     def blocked(self) -> bool:
         return self._block_state()[1] is not None
+
+    def corrupt(self, *, up: bool = True, after: int = 0) -> None:
+        """Flip the lowest bit of one byte in one direction (``up``: client to target):
+        the byte ``after`` bytes from now. For tests of tampering on the path."""
+        with self._lock:
+            self._corrupt = [up, int(after)]
+
+    @property
+    def corrupted(self) -> bool:
+        """The byte asked for with :meth:`corrupt` has been flipped."""
+        return self._corrupt is None
+
+    def _tamper(self, up: bool, data: bytes) -> bytes:
+        with self._lock:
+            c = self._corrupt
+            if c is None or c[0] != up:
+                return data
+            if c[1] >= len(data):
+                c[1] -= len(data)
+                return data
+            i = c[1]
+            self._corrupt = None
+        return data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
 
     def freeze(self) -> None:
         """Stop forwarding in both directions of every connection (new ones too) without

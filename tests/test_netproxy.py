@@ -442,3 +442,19 @@ def test_command_line(echo_server):
             p.wait()
     assert p.returncode == 0
     assert out.splitlines()[-1] == "netproxy: up 4 B, down 4 B"
+
+
+def test_corrupt_flips_one_bit_at_the_offset_asked(raw_server):
+    with NetProxy(("127.0.0.1", raw_server.port)) as proxy:
+        c = connect(proxy.port)
+        s = raw_server.accepted.get(timeout=2)
+        proxy.corrupt(up=True, after=1000)
+        payload = bytes(5000)
+        c.sendall(payload[:700])
+        c.sendall(payload[700:])
+        got = recv_exact(s, 5000)
+        assert proxy.corrupted
+        diff = [i for i in range(5000) if got[i] != payload[i]]
+        assert diff == [1000] and got[1000] == 1
+        s.sendall(b"back")
+        assert recv_exact(c, 4) == b"back"  # the other direction untouched

@@ -38,7 +38,7 @@ from .common import (
     meet,
     side_keystore,
     side_psk,
-    stop_reason,
+    stop_link,
 )
 from .mux import Link
 from .report import add_public_counts, alice_summary, apply_distillation
@@ -85,7 +85,7 @@ def run_alice(cfg: BenchConfig, seed: int | None = None, *, keystore=None,
             s = _session(cfg, link, psk, store, seed, sequence, bench, progress, ctrl_c,
                          t_wall)
     except BaseException as e:
-        link.close(stop_reason("Alice", e))
+        stop_link(link, "Alice", e)
         raise
     link.close()
     s["link"] = link_figures(link)

@@ -41,7 +41,7 @@ from .common import (
     meet,
     side_keystore,
     side_psk,
-    stop_reason,
+    stop_link,
 )
 from .mux import Link
 from .report import add_public_counts, apply_distillation
@@ -113,7 +113,7 @@ def run_bob(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = None, 
                          lambda: ctrl_c.requested or (stop is not None and stop()), bench,
                          window, t_wall)
     except BaseException as e:
-        link.close(stop_reason("Bob", e))
+        stop_link(link, "Bob", e)
         raise
     link.close()
     s["link"] = link_figures(link)

@@ -22,7 +22,7 @@ from ..config import SIDES, BenchConfig, parse_address
 from ..errors import ConfigError
 from ..protocol import read_psk_file
 from .agreement import agreement, compare
-from .mux import Link
+from .mux import BYE_ALARM, BYE_ERROR, Link
 
 __all__ = [
     "Done",
@@ -192,9 +192,16 @@ def link_figures(link: Link) -> dict[str, Any]:
                                 for k, v in sorted(link.sent_by_channel.items())}}
 
 
-def stop_reason(role: str, e: BaseException) -> str:
-    """The one line a stopping host sends the other."""
-    return f"{role} stopped: " + " ".join((str(e) or type(e).__name__).split())[:400]
+def stop_link(link: Link, role: str, e: BaseException) -> None:
+    """Close the link on the way out of a failed session, telling the other host why in
+    one line; an authentication failure or a tamper alarm stops it with exit status 3
+    as well."""
+    from ..auth import AuthenticationError
+    from ..postprocess.distill import TamperAlarm
+
+    alarm = isinstance(e, AuthenticationError | TamperAlarm) or getattr(e, "exit_code", 0) == 3
+    link.close(f"{role} stopped: " + " ".join((str(e) or type(e).__name__).split())[:400],
+               code=BYE_ALARM if alarm else BYE_ERROR)
 
 
 def build_side_bench(cfg: BenchConfig, role: str, seed: int):

@@ -10,7 +10,9 @@ Frames on the connection (each inside the u32 length prefix of
 
     b"D" channel u8, seq u64, ack u64, payload    data for one channel
     b"P" ack u64                                  keep-alive and acknowledgement
-    b"B" reason (UTF-8)                           orderly end of the session
+    b"B" code u8, reason (UTF-8)                  end of the session: code 0 done,
+                                                  2 stopped on an error, 3 stopped by
+                                                  a tamper alarm
 
 ``seq`` numbers the data frames of each direction from 0; ``ack`` is how many
 the sender has received. A data frame is kept until the peer acknowledges it.
@@ -46,7 +48,8 @@ from collections import deque
 from ..auth import AuthenticationError, TcpListener, TcpTransport, Transport, TransportError
 from . import handshake as hs
 
-__all__ = ["Link", "LinkChannel", "LinkError"]
+__all__ = ["BYE_ALARM", "BYE_DONE", "BYE_ERROR", "Link", "LinkChannel", "LinkError",
+           "PeerAlarm"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,16 @@ _MAX_FRAME = (1 << 31) - 1
 
 class LinkError(TransportError):
     """The link to the other host failed and did not come back in time."""
+
+
+class PeerAlarm(AuthenticationError):
+    """The other host stopped on a tamper alarm (a message that failed authentication,
+    or the statistics of a block): this host stops the same way (exit status 3)."""
+
+    exit_code = 3
+
+#: the codes of the end-of-session frame
+BYE_DONE, BYE_ERROR, BYE_ALARM = 0, 2, 3
 
 
 class Link:
@@ -94,6 +107,7 @@ class Link:
         self._down_since: float | None = None
         self._failed: str | None = None
         self._peer_closed: str | None = None
+        self._peer_code = BYE_DONE
         self._closed = False
         self._listener: TcpListener | None = None
         self._target: tuple[str, int] | None = None
@@ -314,8 +328,9 @@ class Link:
                 if self._failed is not None:
                     raise LinkError(self._failed)
                 if self._peer_closed is not None:
-                    raise LinkError(f"{self.name}: {self.peer_role} ended the session "
-                                    f"({self._peer_closed})")
+                    cls = PeerAlarm if self._peer_code == BYE_ALARM else LinkError
+                    raise cls(f"{self.name}: {self.peer_role} ended the session "
+                              f"({self._peer_closed})")
                 if self._closed:
                     raise TransportError(f"{self.name}: the link is closed")
                 left = None if deadline is None else deadline - time.monotonic()
@@ -402,9 +417,10 @@ class Link:
                     self._ping(conn)
             elif kind == b"P" and len(frame) == _PING.size:
                 self._on_ack(_PING.unpack(frame)[1], conn)
-            elif kind == b"B":
-                reason = frame[1:].decode("utf-8", "replace")[:500]
+            elif kind == b"B" and len(frame) >= 2:
+                reason = frame[2:].decode("utf-8", "replace")[:500]
                 with self._cond:
+                    self._peer_code = frame[1]
                     self._peer_closed = reason or "no reason given"
                     self._cond.notify_all()
                 log.info("%s: %s ended the link: %s", self.name, self.peer_role,
@@ -481,15 +497,16 @@ class Link:
             self.reconnects += 1
 
     # ------------------------------------------------------------------ closing
-    def close(self, reason: str = "session ended") -> None:
-        """End the link: tell the peer (so that it does not wait), close everything."""
+    def close(self, reason: str = "session ended", code: int = BYE_DONE) -> None:
+        """End the link: tell the peer why (so that it does not wait; ``code``
+        :data:`BYE_ALARM` makes it stop on a tamper alarm too), close everything."""
         if self._closed:
             return
         conn = self._conn
         if conn is not None and self._failed is None:
             with contextlib.suppress(TransportError):
                 with self._send_lock:
-                    conn.send_bytes(b"B" + reason.encode("utf-8")[:500])
+                    conn.send_bytes(b"B" + bytes([code]) + reason.encode("utf-8")[:500])
         with self._cond:
             self._closed = True
             self._cond.notify_all()
