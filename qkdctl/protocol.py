@@ -102,29 +102,29 @@ class CodedAnnouncement:
 @wire.message("sift.Reply")
 @dataclass(frozen=True)
 class CodedReply:
-    """Alice -> Bob: :class:`SiftingReply` as it travels: the keep flags of the
-    announced pulses and the intensity classes of the kept ones only (the others are
-    not needed), coded under the public model :class:`SiftCoding`."""
+    """Alice -> Bob: the keep flags of the announced pulses, coded under the public
+    model :class:`SiftCoding`. Unlike :class:`SiftingReply` it does not carry the
+    intensity classes: Alice keeps them and sends the distillation's per-class counts
+    instead (:class:`qkdctl.postprocess.distill.VerifyTag`), which saves a bit and a
+    half per detection on the classical channel."""
 
     seq: int
     block: int
     count: int
     keep_z: bytes      # keep flags of the pulses Bob measured in Z
     keep_x: bytes      # and in X
-    intensity: bytes
 
 
 @dataclass(frozen=True)
 class SiftCoding:
     """The public model both sides code the sifting messages with: Bob's and Alice's
-    basis probabilities and the intensity classes' probabilities (all from the bench
-    files, which both sides agree on). A keep flag is coded knowing Bob's basis: a
-    pulse Bob measured in Z is kept with Alice's probability of Z (0.72 bit a flag on
-    the default bench, against 0.90 without the context)."""
+    basis probabilities (from the bench files, which both sides agree on). A keep flag
+    is coded knowing Bob's basis: a pulse Bob measured in Z is kept with Alice's
+    probability of Z (0.72 bit a flag on the default bench, against 0.90 without the
+    context)."""
 
     z_bob: float
     z_alice: float
-    intensity_probabilities: tuple[float, ...]
 
     @classmethod
     def from_config(cls, cfg) -> SiftCoding:
@@ -132,8 +132,7 @@ class SiftCoding:
         def inside(p: float) -> float:
             return min(max(p, 1e-6), 1 - 1e-6)
         return cls(inside(cfg.receiver.z_basis_probability),
-                   inside(cfg.source.z_basis_probability),
-                   tuple(cfg.source.intensity_probabilities))
+                   inside(cfg.source.z_basis_probability))
 
     # each coded with a static-model rANS coder under the public probabilities, within a
     # thousandth of a bit of the entropy (qkdctl.codec)
@@ -157,21 +156,6 @@ class SiftCoding:
         keep[~z] = codec.decode_bits(keep_x, bases.shape[0] - nz,
                                      1.0 - self.z_alice).view(bool)
         return keep
-
-    def encode_intensity(self, intensity: np.ndarray) -> bytes:
-        return codec.encode_symbols(np.asarray(intensity, np.uint8), self._intensity_model)
-
-    def decode_intensity(self, data: bytes, count: int) -> np.ndarray:
-        return codec.decode_symbols(data, count, self._intensity_model)
-
-    @property
-    def _intensity_model(self) -> tuple[float, ...]:
-        # a class of probability 0 is never sent; the coder wants every symbol possible
-        p = [max(x, 1e-6) for x in self.intensity_probabilities]
-        if len(p) == 1:
-            p.append(1e-6)
-        t = sum(p)
-        return tuple(x / t for x in p)
 
 
 class Channel:
@@ -266,7 +250,8 @@ class BobRole:
     def accept(self) -> tuple[Detections, np.ndarray, np.ndarray]:
         """Receive Alice's reply to the oldest pending block.
 
-        Returns (detections, keep mask, intensity classes).
+        Returns (detections, keep mask, intensity classes); the classes are None when
+        the reply was a :class:`CodedReply` (Alice keeps them).
         """
         reply = self.channel.recv()
         p = self._pending[0] if self._pending else None
@@ -276,7 +261,8 @@ class BobRole:
                                f"{None if p is None else p.block}")
         if isinstance(reply, CodedReply):
             reply = self._decode_reply(reply, p)
-        if reply.keep.shape != p.det.pulse.shape or reply.intensity.shape != p.det.pulse.shape:
+        if reply.keep.shape != p.det.pulse.shape or (
+                reply.intensity is not None and reply.intensity.shape != p.det.pulse.shape):
             raise ChannelError(f"bob: reply to block {p.block} has {reply.keep.shape[0]} "
                                f"entries for {p.det.pulse.shape[0]} announced pulses")
         self._pending.popleft()
@@ -289,12 +275,9 @@ class BobRole:
                                f"{n} announced pulses")
         try:
             keep = self.coding.decode_keep(reply.keep_z, reply.keep_x, p.det.basis)
-            kept = self.coding.decode_intensity(reply.intensity, int(keep.sum()))
         except wire.WireError as e:
             raise ChannelError(f"bob: reply to block {p.block} is malformed: {e}") from None
-        intensity = np.zeros(n, np.uint8)
-        intensity[keep] = kept
-        return SiftingReply(reply.seq, reply.block, keep, intensity)
+        return SiftingReply(reply.seq, reply.block, keep, None)
 
 
 class AliceRole:
@@ -331,8 +314,7 @@ class AliceRole:
         keep = basis == ann.bases
         if coded:
             self.channel.send(CodedReply(self._seq, ann.block, int(keep.shape[0]),
-                                         *self.coding.encode_keep(keep, ann.bases),
-                                         self.coding.encode_intensity(intensity[keep])))
+                                         *self.coding.encode_keep(keep, ann.bases)))
         else:
             self.channel.send(SiftingReply(self._seq, ann.block, keep, intensity))
         self._seq += 1

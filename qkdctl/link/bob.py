@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ..config import BenchConfig, parse_address
 from ..errors import ConfigError
 from ..postprocess.lanes import BobLanes
@@ -66,10 +68,13 @@ class BobSifting:
         self._inflight: deque[concurrent.futures.Future] = deque()
 
     def _accept(self) -> None:
-        det, keep, intensity = self.bob.accept()
-        self.sifted_bits += add_public_counts(self.stats, det.basis, intensity, keep)
+        det, keep, _ = self.bob.accept()
+        # Bob does not learn the intensity classes: his counts per class come from the
+        # distillation (the summary); here every detection counts under class 0
+        unknown = np.zeros(det.basis.shape[0], np.uint8)
+        self.sifted_bits += add_public_counts(self.stats, det.basis, unknown, keep)
         if self.lanes is not None:
-            self.lanes.add(det, keep, intensity)
+            self.lanes.add(det, keep)
 
     def _wait(self, keep: int) -> None:
         while len(self._inflight) > keep:

@@ -66,12 +66,28 @@ def apply_distillation(s: dict[str, Any], dist: dict[str, Any], keystore) -> dic
               "phase_error_bound", "tamper_alarm", "aborted", "abort_reason"):
         s[k] = dist[k]
     s.update(reconciled_qber(dist))
-    for d in s["counts_by_intensity"].values():
-        d["errors"] = {"Z": None, "X": None}
-        d["qber"] = {"Z": None, "X": None}
+    per_class = _class_counts(dist, len(s["counts_by_intensity"]))
+    for k, d in enumerate(s["counts_by_intensity"].values()):
+        n = {"Z": per_class["key"][k], "X": per_class["test"][k]}
+        e = {"Z": per_class["key_errors"][k], "X": per_class["test_errors"][k]}
+        d["errors"] = e
+        d["qber"] = {b: e[b] / n[b] if n[b] else None for b in n}
+        d["distilled"] = n
+        if s.get("role") == "bob":
+            # Bob knows the classes only through the distillation's counts
+            d["sifted"] = n
     if keystore is not None:
         s["keystore"] = str(keystore.path)
     return s
+
+
+def _class_counts(dist: dict[str, Any], nint: int) -> dict[str, list[int]]:
+    """Bits and errors per intensity class, summed over the distilled blocks."""
+    out = {k: [0] * nint for k in ("key", "key_errors", "test", "test_errors")}
+    for b in dist["blocks"]:
+        for k, v in (b.get("intensity_counts") or {}).items():
+            out[k] = [x + int(y) for x, y in zip(out[k], v, strict=True)]
+    return out
 
 
 def alice_summary(cfg, stats: SiftStats, *, seed, sequence, pulses_sent: int,
@@ -111,8 +127,8 @@ def format_side_summary(s: dict[str, Any]) -> str:
         text = text.replace("  QBER Z ", "  QBER Z*", 1)
         return text.replace("  QBER X ", "  QBER X*", 1) + (
             "\n  * QBER from the distillation: " + s["qber_source"]
-            + "\n  Bob learns the intensity class of the kept pulses only: no detections "
-              "or gain per class")
+            + "\n  Bob does not learn the intensity classes: his counts per class are the "
+              "distilled bits, as Alice reports them")
     lines = [f"{s['bench']} (Alice's host, {s['source']}, seed {s['seed']})"
              + ("  -- interrupted, summary of what ran" if s["interrupted"] else "")]
     lines.append(f"  bench time        {s['duration_s']:.6g} s   (wall {s['wall_s']:.2f} s)")

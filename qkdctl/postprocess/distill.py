@@ -13,11 +13,15 @@ exchange over the authenticated classical channel):
    **tamper alarm** and the session stops.
 2. **Error correction.** Cascade (:mod:`.cascade`), Bob correcting towards
    Alice, with block sizes from the sampled QBER. Every parity Alice discloses
-   counts as leaked. Bob then announces the number of errors he corrected per
-   intensity class (public in any case: Cascade reveals where they are).
+   counts as leaked. Bob then announces the positions he corrected (public in
+   any case: Cascade's bisections show Eve where the errors are).
 3. **Verification.** Alice draws a universal hash function (:mod:`.verify`)
    with collision probability at most ``eps_cor`` and sends it with the hash
-   of her key; Bob compares with his. On a mismatch the block is discarded.
+   of her key, and the block's counts per intensity class: bits and errors in
+   both bases (only Alice knows which class each pulse was: the sifting reply
+   does not carry the classes, which would cost a bit and a half per
+   detection on the classical channel). Bob compares the hashes; on a mismatch
+   the block is discarded.
 4. **Finite-key length.** Both compute, from the same public counts, the
    secret key length of the bench's protocol (:mod:`.finite_key`): the
    two-decoy bound of Lim et al. 2014 or the one-decoy bound of Rusca et al.
@@ -148,20 +152,24 @@ class Decision:
 @wire.message("distill.Corrected")
 @dataclass(frozen=True)
 class Corrected:
-    """Bob -> Alice: errors corrected per intensity class."""
+    """Bob -> Alice: the positions in the reconciled key that Bob corrected."""
 
     block: int
-    errors: np.ndarray           # int64, per intensity class
+    flipped: bytes               # ascending positions, Rice-coded gaps (codec)
 
 
 @wire.message("distill.VerifyTag")
 @dataclass(frozen=True)
 class VerifyTag:
-    """Alice -> Bob: the verification hash function and Alice's tag."""
+    """Alice -> Bob: the verification hash function and Alice's tag, and the block's
+    public counts per intensity class for the finite-key bound."""
 
     block: int
     hash_key: bytes
     tag: bytes
+    key_counts: np.ndarray       # int64: reconciled key bits per intensity class
+    key_errors: np.ndarray       # int64: errors Bob corrected, per intensity class
+    test_counts: np.ndarray      # int64: test-basis bits per intensity class
 
 
 @wire.message("distill.VerifyResult")
@@ -264,6 +272,8 @@ class BlockResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: check value of the secret key from public data (:func:`key_digest`), if any
     key_digest: str | None = None
+    #: per intensity class: reconciled key bits, their errors, test bits, their errors
+    intensity_counts: dict[str, list[int]] | None = None
     #: the secret key (Alice's copy, Bob's copy), kept off the summary
     keys: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
@@ -418,16 +428,23 @@ class AliceDistiller(_Role):
             reply = ec.handle(msg)
             if reply is not None:
                 ch.send(reply)
-        if msg.block != blk.block or msg.errors.shape != (nint,):
-            raise ProtocolError(f"alice: block {blk.block}: malformed error counts")
+        try:
+            flipped = codec.decode_pulses(msg.flipped, -1) if msg.block == blk.block else None
+        except wire.WireError:
+            flipped = None
+        if flipped is None or (flipped.size and flipped[-1] >= key.shape[0]):
+            raise ProtocolError(f"alice: block {blk.block}: malformed corrected positions")
+        counts = _counts(intensity, nint)
+        errors = _counts(intensity[flipped], nint)
+        test_counts = _counts(blk.test_intensity, nint)
         hkey = verify.draw_hash_key(key.shape[0], p.eps_cor, self.rng_bytes)
         vtag = verify.tag(key, hkey)
-        ch.send(VerifyTag(blk.block, hkey, vtag))
+        ch.send(VerifyTag(blk.block, hkey, vtag, counts, errors, test_counts))
         yield
         if not self._recv(VerifyResult, blk.block).match:
             return
-        fk = _finite_key(p, intensity, blk.test_intensity, msg.errors, test_errors,
-                         ec.leaked_bits, key.shape[0])
+        fk = _finite_key(p, counts, test_counts, errors, test_errors, ec.leaked_bits,
+                         key.shape[0])
         if fk.secret_bits <= 0:
             return
         seed_bits = privacy.amplify_seed_length(key.shape[0], fk.secret_bits)
@@ -507,7 +524,6 @@ class BobDistiller(_Role):
         keep = np.ones(n, bool)
         keep[sample] = False
         key = b.key[keep]
-        intensity = b.intensity[keep]
         res.key_bits = int(key.shape[0])
         ec = cascade.CascadeBob(key, q_est, int.from_bytes(self.rng_bytes(8), "little"))
         send(ec.start())
@@ -517,8 +533,7 @@ class BobDistiller(_Role):
             reply = ch.recv()
         out = ec.result()
         corrected, flipped = out.corrected, out.flipped
-        errors = np.bincount(intensity[flipped], minlength=nint).astype(np.int64)
-        send(Corrected(b.block, errors))
+        send(Corrected(b.block, codec.encode_pulses(flipped, -1)))
         res.ec_leaked_bits = int(out.leaked_bits)
         res.ec_errors = int(flipped.shape[0])
         res.ec_rounds = int(out.rounds)
@@ -529,6 +544,17 @@ class BobDistiller(_Role):
         # 3. verification --------------------------------------------------------------
         t2 = time.perf_counter()
         vt = self._recv(VerifyTag, b.block)
+        for name in ("key_counts", "key_errors", "test_counts"):
+            a = getattr(vt, name)
+            if a.shape != (nint,) or a.min() < 0:
+                raise ProtocolError(f"bob: block {b.block}: malformed {name} from Alice")
+        if (vt.key_counts.sum() != res.key_bits or vt.test_counts.sum() != res.test_bits
+                or vt.key_errors.sum() != res.ec_errors):
+            raise ProtocolError(f"bob: block {b.block}: Alice's counts do not add up to the "
+                                "block's")
+        res.intensity_counts = {"key": vt.key_counts.tolist(), "key_errors": vt.key_errors.tolist(),
+                                "test": vt.test_counts.tolist(),
+                                "test_errors": est.test_errors.tolist()}
         match = bool(verify.tag(corrected, vt.hash_key) == vt.tag)
         send(VerifyResult(b.block, match))
         res.verified = match
@@ -541,7 +567,7 @@ class BobDistiller(_Role):
             return res, None
 
         # 4. finite-key length ---------------------------------------------------------
-        fk = _finite_key(p, intensity, b.test_intensity, errors, est.test_errors,
+        fk = _finite_key(p, vt.key_counts, vt.test_counts, vt.key_errors, est.test_errors,
                          res.ec_leaked_bits, res.key_bits)
         res.finite_key = fk.to_dict()
         res.finite_key["leak_verification_bits"] = _verification_leak(
@@ -549,7 +575,7 @@ class BobDistiller(_Role):
         if fk.secret_bits <= 0:
             res.abort_reason = fk.abort_reason or "the finite-key bound leaves no secret bits"
             if fk.aborted:
-                res.alarm = _decoy_alarm(p, intensity, b.test_intensity, errors,
+                res.alarm = _decoy_alarm(p, vt.key_counts, vt.test_counts, vt.key_errors,
                                          est.test_errors, res)
                 if res.alarm is not None:
                     res.aborted, res.abort_reason = True, res.alarm
@@ -569,13 +595,12 @@ class BobDistiller(_Role):
         return res, b_key
 
 
-def _decoy_alarm(p: DistillParams, intensity, test_intensity, errors, test_errors,
+def _decoy_alarm(p: DistillParams, counts, test_counts, errors, test_errors,
                  res: BlockResult) -> str | None:
     """An alarm when the point estimates, beyond their statistical spread
     (:data:`ALARM_SIGMAS`), confirm what the finite-key bound found."""
-    nint = len(p.intensities)
-    pe = point_estimates(p.protocol, p.intensities, p.probabilities, _counts(intensity, nint),
-                         errors, _counts(test_intensity, nint), test_errors)
+    pe = point_estimates(p.protocol, p.intensities, p.probabilities, counts, errors,
+                         test_counts, test_errors)
     res.finite_key["point_estimates"] = pe
     for basis in ("key", "test"):
         s1, sigma = pe[f"s1_{basis}"], pe[f"s1_{basis}_sigma"]
@@ -645,15 +670,12 @@ def _verification_leak(p: DistillParams, tag_bits: int) -> int:
     return max(0, math.ceil(tag_bits - math.log2(2.0 / p.eps_cor)))
 
 
-def _finite_key(p: DistillParams, intensity, test_intensity, errors, test_errors,
+def _finite_key(p: DistillParams, counts, test_counts, errors, test_errors,
                 leaked_bits: int, n_key: int):
-    nint = len(p.intensities)
     stats = finite_key.DecoyStatistics(
         intensities=tuple(p.intensities), probabilities=tuple(p.probabilities),
-        n_key=tuple(int(x) for x in _counts(intensity, nint)),
-        m_key=tuple(int(x) for x in errors),
-        n_test=tuple(int(x) for x in _counts(test_intensity, nint)),
-        m_test=tuple(int(x) for x in test_errors))
+        n_key=tuple(int(x) for x in counts), m_key=tuple(int(x) for x in errors),
+        n_test=tuple(int(x) for x in test_counts), m_test=tuple(int(x) for x in test_errors))
     # the tag beyond what the bound's log2(2/eps_cor) term covers, and any digest shown
     tag_bits = 64 * verify.instances_for(n_key, p.eps_cor)
     leak = int(leaked_bits) + _verification_leak(p, tag_bits) + int(p.extra_leak_bits)

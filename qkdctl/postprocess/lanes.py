@@ -180,12 +180,13 @@ class BobLanes(_Lanes):
 
     role = "bob"
 
-    def add(self, det, keep: np.ndarray, intensity: np.ndarray) -> None:
-        """One sifted block: Bob's detections, Alice's keep mask and intensity classes."""
+    def add(self, det, keep: np.ndarray) -> None:
+        """One sifted block: Bob's detections and Alice's keep mask (Bob does not learn
+        the intensity classes: Alice sends each block's counts per class)."""
         kz = keep & (det.basis == 0)
         kx = keep & (det.basis == 1)
-        self.buffer.add(det.bit[kz].astype(np.uint8), intensity[kz].astype(np.uint8),
-                        det.bit[kx].astype(np.uint8), intensity[kx].astype(np.uint8))
+        z, x = det.bit[kz].astype(np.uint8), det.bit[kx].astype(np.uint8)
+        self.buffer.add(z, np.zeros_like(z), x, np.zeros_like(x))
         self._cut_full_blocks()
 
     def _distil(self, channel, blk: KeyBlock):
