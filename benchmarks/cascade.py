@@ -11,20 +11,34 @@ passed in memory, after a warm-up run): every block is run ``--repeat`` times
 (same keys and seed, so the same exchange) and the best time is kept, since
 the machine is shared and noisy.
 
-Prints a table per block size (``--sizes``, default: the default block size
-only; ``--all-sizes`` adds 2**17 .. 2**20), then on its last lines:
-  cascade_efficiency_qber_0.01=   mean f at QBER 1 %, default block size
+Rounds are the round trips of the exchange (the start included): over a
+network each costs one RTT, so the table gives them per block (mean and max)
+beside the efficiency, and the waiting they mean at 10 ms RTT.
+
+Every measurement is made for the schedule under test (``--variant``, default
+``latency``) and for a schedule to compare with (``--compare``, default
+``optimized``: the Martinez-Mateo block sizes with the classic round rules,
+i.e. the behaviour before the round rules; ``none`` to skip), on the same keys
+and seeds. Prints a table per block size and variant (``--all-sizes`` adds
+2**17 .. 2**19 before the default size), a before/after table, then on its last
+lines, for ``--variant`` at the default block size:
+  cascade_efficiency_qber_0.01=   mean f at QBER 1 %
   cascade_efficiency_qber_0.02=   mean f at QBER 2 %
   cascade_efficiency_qber_0.05=   mean f at QBER 5 %
-  cascade_Mbit_per_s=             throughput at the default block size, all three QBERs
+  cascade_rounds_qber_0.01=       mean rounds per block at QBER 1 % (also 0.02, 0.05)
+  cascade_rounds_max_qber_0.01=   most rounds of a block at QBER 1 % (also 0.02, 0.05)
+  cascade_Mbit_per_s=             throughput, all three QBERs
   frame_error_rate=               residual frame error rate over those blocks
 
 Usage: python benchmarks/cascade.py [--quick] [--blocks N] [--bits N] [--variant V]
+                                    [--compare V|none] [--overlap N] [--burst-levels N]
+                                    [--burst-width N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -41,9 +55,16 @@ DEFAULT_BITS = 1 << 20
 QBERS = (0.01, 0.02, 0.05)
 
 
+def schedule(n: int, qber: float, variant: str, passes: int | None = None,
+             rules: dict | None = None):
+    """The schedule of ``variant``, with round rules overridden by ``rules``."""
+    sched = choose_schedule(n, qber, variant, passes)
+    return dataclasses.replace(sched, **rules) if rules else sched
+
+
 def _exchange(alice_key: np.ndarray, bob_key: np.ndarray, qber: float, seed: int,
-              variant: str, passes: int | None):
-    sched = choose_schedule(alice_key.size, qber, variant, passes)
+              variant: str, passes: int | None, rules: dict | None = None):
+    sched = schedule(alice_key.size, qber, variant, passes, rules)
     alice = CascadeAlice(alice_key)
     bob = CascadeBob(bob_key, qber, seed, sched)
     msg = bob.start()
@@ -53,19 +74,22 @@ def _exchange(alice_key: np.ndarray, bob_key: np.ndarray, qber: float, seed: int
 
 
 def measure(n: int = DEFAULT_BITS, qbers: tuple[float, ...] = QBERS, blocks: int = 20,
-            repeat: int = 3, variant: str = "optimized", passes: int | None = None,
-            seed: int = 2024) -> dict:
+            repeat: int = 3, variant: str = "latency", passes: int | None = None,
+            seed: int = 2024, rules: dict | None = None) -> dict:
     """Run ``blocks`` blocks of ``n`` bits at each QBER; figures per QBER and overall.
 
     Returns ``{"n", "variant", "per_qber": {qber: {...}}, "Mbit_per_s",
     "frame_error_rate"}``; per QBER: ``efficiency`` (mean f), ``efficiency_sem``,
-    ``rounds`` (mean), ``leaked_bits`` (mean), ``frame_errors``, ``blocks``,
-    ``Mbit_per_s`` and ``block_sizes`` (the schedule).
+    ``rounds`` (mean), ``rounds_max``, ``leaked_bits`` (mean), ``frame_errors``,
+    ``blocks``, ``Mbit_per_s`` and ``schedule`` (of the first block). The keys and
+    seeds depend only on ``n``, ``qbers``, ``blocks`` and ``seed``, so two variants
+    are compared on the same blocks.
     """
     rng = np.random.default_rng(seed)
     warm = rng.integers(0, 2, min(n, 1 << 16), dtype=np.uint8)
-    _exchange(warm, warm ^ (rng.random(warm.size) < qbers[0]).astype(np.uint8), qbers[0], 1,
-              variant, passes)
+    warm_bob = warm ^ (rng.random(warm.size) < qbers[0]).astype(np.uint8)
+    for r in (rules, {"overlap": 2, "burst_levels": 4, "burst_width": 1 << 20}):
+        _exchange(warm, warm_bob, qbers[0], 1, variant, passes, r)   # compiles every kernel
     per: dict[float, dict] = {}
     total_bits = 0
     total_time = 0.0
@@ -82,7 +106,7 @@ def measure(n: int = DEFAULT_BITS, qbers: tuple[float, ...] = QBERS, blocks: int
             best = float("inf")
             for _ in range(max(1, repeat)):
                 t0 = time.perf_counter()
-                res, alice_leak = _exchange(a, b, q, pseed, variant, passes)
+                res, alice_leak = _exchange(a, b, q, pseed, variant, passes, rules)
                 best = min(best, time.perf_counter() - t0)
             assert res.leaked_bits == alice_leak
             t_sum += best
@@ -95,11 +119,12 @@ def measure(n: int = DEFAULT_BITS, qbers: tuple[float, ...] = QBERS, blocks: int
             "efficiency": float(f.mean()),
             "efficiency_sem": float(f.std(ddof=1) / np.sqrt(f.size)) if f.size > 1 else 0.0,
             "rounds": float(np.mean(rounds)),
+            "rounds_max": int(np.max(rounds)),
             "leaked_bits": float(np.mean(leaks)),
             "frame_errors": fails,
             "blocks": blocks,
             "Mbit_per_s": n * blocks / t_sum / 1e6,
-            "block_sizes": choose_schedule(n, q, variant, passes).block_sizes,
+            "schedule": schedule(n, q, variant, passes, rules),
         }
         total_bits += n * blocks
         total_time += t_sum
@@ -111,15 +136,33 @@ def measure(n: int = DEFAULT_BITS, qbers: tuple[float, ...] = QBERS, blocks: int
 
 
 def _print_table(m: dict) -> None:
-    print(f"n = {m['n']} bits, variant {m['variant']}")
-    print(f"  {'QBER':>6} {'f':>7} {'+-':>6} {'rounds':>7} {'FER':>9} {'Mbit/s':>7}  "
-          "block sizes")
+    first = next(iter(m["per_qber"].values()))["schedule"]
+    print(f"n = {m['n']} bits, variant {m['variant']} (overlap {first.overlap}, "
+          f"bursts of up to {first.burst_levels} levels)")
+    print(f"  {'QBER':>6} {'f':>7} {'+-':>6} {'rounds':>7} {'max':>5} {'@10ms':>6} {'FER':>9} "
+          f"{'Mbit/s':>7}  block sizes")
     for q, r in m["per_qber"].items():
-        sizes = r["block_sizes"]
+        sizes = r["schedule"].block_sizes
         shown = ", ".join(str(k) for k in sizes[:3])
         print(f"  {q:6.3f} {r['efficiency']:7.4f} {r['efficiency_sem']:6.4f} "
-              f"{r['rounds']:7.1f} {r['frame_errors']:>4}/{r['blocks']:<4} "
+              f"{r['rounds']:7.1f} {r['rounds_max']:5d} {r['rounds'] * 0.01:5.2f}s "
+              f"{r['frame_errors']:>4}/{r['blocks']:<4} "
               f"{r['Mbit_per_s']:7.2f}  {shown}, ... ({len(sizes)} passes)")
+
+
+def _print_compare(before: dict, after: dict) -> None:
+    print(f"n = {after['n']} bits, {before['variant']} -> {after['variant']}")
+    print(f"  {'QBER':>6} {'rounds (mean)':>15} {'rounds (max)':>13} {'f':>17} "
+          f"{'FER':>11} {'Mbit/s':>14}")
+    for q, a in after["per_qber"].items():
+        b = before["per_qber"][q]
+        print(f"  {q:6.3f} {b['rounds']:6.1f} -> {a['rounds']:5.1f} "
+              f"{b['rounds_max']:5d} -> {a['rounds_max']:4d} "
+              f"{b['efficiency']:.4f} -> {a['efficiency']:.4f} "
+              f"{b['frame_errors']:4d} -> {a['frame_errors']:<4d} "
+              f"{b['Mbit_per_s']:5.2f} -> {a['Mbit_per_s']:5.2f}")
+    print(f"  all    FER {before['frame_error_rate']:.4f} -> {after['frame_error_rate']:.4f}, "
+          f"{before['Mbit_per_s']:.2f} -> {after['Mbit_per_s']:.2f} Mbit/s")
 
 
 def main() -> None:
@@ -129,23 +172,41 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=None, help="default block size in bits")
     ap.add_argument("--blocks", type=int, default=20, help="blocks per QBER (>= 20)")
     ap.add_argument("--repeat", type=int, default=3, help="timings per block, best kept")
-    ap.add_argument("--variant", choices=VARIANTS, default="optimized")
+    ap.add_argument("--variant", choices=VARIANTS, default="latency")
+    ap.add_argument("--compare", choices=(*VARIANTS, "none"), default="optimized",
+                    help="variant to compare with, with its own round rules")
     ap.add_argument("--passes", type=int, default=None)
+    ap.add_argument("--overlap", type=int, default=None,
+                    help="override the --variant schedule's overlap")
+    ap.add_argument("--burst-levels", type=int, default=None,
+                    help="override the --variant schedule's burst_levels")
+    ap.add_argument("--burst-width", type=int, default=None,
+                    help="override the --variant schedule's burst_width")
     ap.add_argument("--all-sizes", action="store_true",
                     help="also tables for 2**17, 2**18 and 2**19 bits")
     args = ap.parse_args()
     n = args.bits or ((1 << 17) if args.quick else DEFAULT_BITS)
     repeat = 1 if args.quick else args.repeat
-    if args.all_sizes:
-        for k in (17, 18, 19):
-            if (1 << k) != n:
-                _print_table(measure(1 << k, blocks=args.blocks, repeat=1,
-                                     variant=args.variant, passes=args.passes))
-    m = measure(n, blocks=args.blocks, repeat=repeat, variant=args.variant,
-                passes=args.passes)
-    _print_table(m)
+    rules = {k: v for k, v in (("overlap", args.overlap), ("burst_levels", args.burst_levels),
+                               ("burst_width", args.burst_width)) if v is not None}
+    runs = [(args.variant, rules)]
+    if args.compare != "none":
+        runs.insert(0, (args.compare, None))
+    sizes = [1 << k for k in (17, 18, 19) if (1 << k) != n] if args.all_sizes else []
+    for size in [*sizes, n]:
+        ms = [measure(size, blocks=args.blocks, repeat=repeat if size == n else 1,
+                      variant=v, passes=args.passes, rules=r) for v, r in runs]
+        for m in ms:
+            _print_table(m)
+        if len(ms) == 2:
+            _print_compare(*ms)
+    m = ms[-1]
     for q in QBERS:
         print(f"cascade_efficiency_qber_{q}={m['per_qber'][q]['efficiency']:.4f}")
+    for q in QBERS:
+        print(f"cascade_rounds_qber_{q}={m['per_qber'][q]['rounds']:.1f}")
+    for q in QBERS:
+        print(f"cascade_rounds_max_qber_{q}={m['per_qber'][q]['rounds_max']}")
     print(f"cascade_Mbit_per_s={m['Mbit_per_s']:.2f}")
     print(f"frame_error_rate={m['frame_error_rate']:.4f}")
 

@@ -20,6 +20,7 @@ from qkdctl.postprocess.cascade import (
     ParityReply,
     ParityRequest,
     binary_entropy,
+    burst_depth,
     choose_schedule,
     efficiency,
     pass_kinds,
@@ -116,13 +117,59 @@ def test_numba_matches_reference(n, qber, seed):
     assert asked == trace.requests
 
 
+# bursts in every round (or only when few ranges are left), passes started early
+RULES = [dict(burst_levels=3, burst_width=10 ** 6), dict(burst_levels=8, burst_width=40),
+         dict(overlap=4), dict(overlap=10 ** 6, burst_levels=2, burst_width=10 ** 6),
+         dict(overlap=3, burst_levels=4, burst_width=60)]
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("n,qber,seed,variant", [(700, 0.02, 2, "latency"),
+                                                 (1000, 0.08, 3, "optimized"),
+                                                 (1500, 0.03, 4, "latency"),
+                                                 (300, 0.1, 5, "original")])
+def test_round_rules_match_reference(rules, n, qber, seed, variant):
+    a, b, e = keys(n, qber, seed)
+    sched = dataclasses.replace(choose_schedule(n, qber, variant), **rules)
+    res, alice, msgs, replies = run(a, b, qber, seed, sched)
+    trace = ReferenceTrace()
+    ref = reconcile_reference(a, b, qber, seed, sched, trace=trace)
+    assert res.leaked_bits == ref.leaked_bits == alice.leaked_bits
+    assert res.rounds == ref.rounds
+    assert np.array_equal(res.flipped, ref.flipped)
+    assert np.array_equal(res.corrected, ref.corrected)
+    assert [r.parities.tolist() for r in replies] == trace.replies
+    asked = [list(zip(m.pass_index.tolist(), m.start.tolist(), m.end.tolist(), strict=True))
+             for m in msgs[1:]]
+    assert asked == trace.requests
+    start = msgs[0]
+    assert (start.overlap, start.burst_levels, start.burst_width) == (
+        sched.overlap, sched.burst_levels, sched.burst_width)
+    if variant != "original":
+        assert np.array_equal(res.corrected, a)
+    # a burst asks whole sub-trees: sorted by (pass, start, longest first), no range twice
+    for m in msgs[1:]:
+        items = list(zip(m.pass_index.tolist(), m.start.tolist(),
+                         (-m.end).tolist(), strict=True))
+        assert items == sorted(items) and len(set(items)) == len(items)
+
+
+def test_burst_depth():
+    assert burst_depth(5, 1, 10 ** 6) == 1                 # classic: one level
+    assert burst_depth(1, 4, 0) == 1
+    assert burst_depth(10, 4, 29) == 1 and burst_depth(10, 4, 30) == 2
+    assert burst_depth(10, 4, 70) == 3 and burst_depth(10, 4, 150) == 4
+    assert burst_depth(1, 4, 10 ** 9) == 4 and burst_depth(1, 8, 255) == 8
+
+
 def test_small_keys_and_odd_block_sizes_match_reference():
     """Tiny keys, a last block of one bit, repeated and whole-key block sizes."""
     for n in (1, 2, 5, 65, 257, 1025):
         for seed, q in ((1, 0.1), (2, 0.3)):
             a, b, _ = keys(n, q, seed + n)
             sched = CascadeSchedule(n, tuple(min(n, k) for k in (8, 16, (n + 1) // 2, 3, n)))
-            for s in (None, sched):
+            fast = dataclasses.replace(sched, overlap=2, burst_levels=5, burst_width=1000)
+            for s in (None, sched, fast):
                 res = reconcile(a, b, q, seed, s)
                 ref = reconcile_reference(a, b, q, seed, s)
                 assert (res.leaked_bits, res.rounds) == (ref.leaked_bits, ref.rounds)
@@ -130,7 +177,7 @@ def test_small_keys_and_odd_block_sizes_match_reference():
                 assert np.array_equal(res.corrected, ref.corrected)
 
 
-@pytest.mark.parametrize("variant", ["opt7", "original"])
+@pytest.mark.parametrize("variant", ["optimized", "opt7", "original"])
 def test_other_schedules(variant):
     n, q = 3000, 0.04
     a, b, e = keys(n, q, 9)
@@ -139,7 +186,7 @@ def test_other_schedules(variant):
     ref = reconcile_reference(a, b, q, 21, sched)
     assert res.leaked_bits == ref.leaked_bits
     assert np.array_equal(res.flipped, ref.flipped)
-    if variant == "opt7":
+    if variant != "original":
         assert np.array_equal(res.corrected, a)
 
 
@@ -174,13 +221,26 @@ def test_messages_hold_only_ints_and_arrays():
 
 def test_schedule_formulas():
     n = 1 << 20
-    # Martinez-Mateo et al. opt. (8): alpha = log2(1/p) - 1/2
-    assert choose_schedule(n, 0.01).block_sizes[:3] == (128, 1024, n // 2)
-    assert choose_schedule(n, 0.02).block_sizes[:3] == (64, 512, n // 2)
-    assert choose_schedule(n, 0.05).block_sizes[:3] == (16, 256, n // 2)
-    assert choose_schedule(n, 0.05).passes == 28          # ceil(log2 n) + 8
-    assert choose_schedule(1000, 0.05).passes == 18
-    assert choose_schedule(100, 0.05).passes == 16
+    # latency (the default): k1 = 2**floor(log2(1.2/p)), k2 = 2**floor(log2(max(3/p, 128)))
+    assert choose_schedule(n, 0.01).block_sizes[:3] == (64, 256, n // 2)
+    assert choose_schedule(n, 0.013).block_sizes[:3] == (64, 128, n // 2)
+    assert choose_schedule(n, 0.02).block_sizes[:3] == (32, 128, n // 2)
+    assert choose_schedule(n, 0.05).block_sizes[:3] == (16, 128, n // 2)
+    assert choose_schedule(n, 0.005).block_sizes[:2] == (128, 512)
+    assert choose_schedule(n, 0.08).block_sizes[:2] == (8, 64)
+    lat = choose_schedule(n, 0.02)
+    assert (lat.variant, lat.overlap, lat.burst_levels, lat.burst_width) == (
+        "latency", 0, 4, int(n * 0.02) // 256)
+    # Martinez-Mateo et al. opt. (8): alpha = log2(1/p) - 1/2; classic round rules
+    opt = choose_schedule(n, 0.01, "optimized")
+    assert opt.block_sizes[:3] == (128, 1024, n // 2)
+    assert (opt.overlap, opt.burst_levels, opt.burst_width) == (0, 1, 0)
+    assert choose_schedule(n, 0.02, "optimized").block_sizes[:3] == (64, 512, n // 2)
+    assert choose_schedule(n, 0.05, "optimized").block_sizes[:3] == (16, 256, n // 2)
+    for v in ("latency", "optimized"):
+        assert choose_schedule(n, 0.05, v).passes == 28          # ceil(log2 n) + 8
+        assert choose_schedule(1000, 0.05, v).passes == 18
+        assert choose_schedule(100, 0.05, v).passes == 16
     assert choose_schedule(n, 0.02, "opt7").block_sizes[:3] == (64, 256, n // 2)
     orig = choose_schedule(n, 0.02, "original")
     assert orig.block_sizes == (37, 74, 148, 296)
@@ -211,6 +271,10 @@ def test_bad_inputs():
         choose_schedule(1000, 0.02, "fast")
     with pytest.raises(ValueError, match="block sizes"):
         CascadeSchedule(1000, (0, 10))
+    for bad in (dict(overlap=-1), dict(burst_levels=0), dict(burst_levels=9),
+                dict(burst_width=-1), dict(burst_width=1.5), dict(overlap=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CascadeSchedule(1000, (10, 20), **bad)
     with pytest.raises(ValueError, match="schedule is for"):
         CascadeBob(b, 0.02, 1, choose_schedule(999, 0.02))
     assert np.array_equal(reconcile(a.astype(bool), b.astype(np.int64), 0.02, 1).corrected, a)
@@ -226,6 +290,8 @@ def test_protocol_errors():
     start = bob.start()
     with pytest.raises(ValueError, match="different lengths"):
         CascadeAlice(a[:-1]).handle(start)
+    with pytest.raises(ValueError, match="burst_levels"):
+        CascadeAlice(a).handle(dataclasses.replace(start, burst_levels=0))
     reply = alice.handle(start)
     with pytest.raises(ValueError, match="start < end"):
         alice.handle(ParityRequest(np.zeros(1, np.int32), np.array([5]), np.array([5])))
@@ -242,3 +308,20 @@ def test_protocol_errors():
         bob.next_request(ParityReply(np.full(req.start.size, 2, np.uint8)))
     with pytest.raises(RuntimeError, match="not finished"):
         bob.result()
+
+
+def test_rounds_and_efficiency_pinned():
+    """The default ("latency") schedule on a fixed 2**20-bit key: a bounded number of
+    round trips at a small cost in leakage, against the classic rules."""
+    n = 1 << 20
+    for qber, max_rounds, max_f in ((0.01, 120, 1.06), (0.02, 110, 1.06)):
+        a, b, e = keys(n, qber, 42)
+        res = reconcile(a, b, qber, 7)
+        assert np.array_equal(res.corrected, a)
+        assert np.array_equal(res.flipped, np.flatnonzero(e))
+        f = efficiency(res.leaked_bits, n, qber)
+        assert res.rounds <= max_rounds and f <= max_f, (qber, res.rounds, f)
+        old = reconcile(a, b, qber, 7, choose_schedule(n, qber, "optimized"))
+        assert np.array_equal(old.corrected, a)
+        assert old.rounds > 4 * res.rounds
+        assert f - efficiency(old.leaked_bits, n, qber) < 0.035

@@ -16,9 +16,12 @@ protocol Cascade", Quantum Inf. Comput. 15, 453 (2015), arXiv:1407.3257:
   blocks of ``k1 = 2**ceil(alpha)``, the second ``k2 = 2**ceil((alpha + 12)/2)``
   and every later pass two blocks of half the key; ``ceil(log2 n) + 8`` passes,
   at least 16 (each later pass costs about one parity and halves the frame error
-  rate). Powers of two make every bisection exact. Their "opt. (7)"
-  (``k1 = 2**ceil(log2(1/p))``, ``k2 = 4 k1``) and the original schedule
-  (``k1 = ceil(0.73/p)``, doubling, 4 passes) are there to compare.
+  rate). Powers of two make every bisection exact. The default variant,
+  ``"latency"``, keeps that structure with smaller first two blocks, for fewer
+  rounds (see *Rounds* below): ``k1`` the largest power of two ``<= 1.2/p``,
+  ``k2`` the largest power of two ``<= max(3/p, 128)``, at most ``8 k1``. Their
+  "opt. (7)" (``k1 = 2**ceil(log2(1/p))``, ``k2 = 4 k1``) and the original
+  schedule (``k1 = ceil(0.73/p)``, doubling, 4 passes) are there to compare.
 - **Reuse of known sub-block parities**: every parity Alice ever disclosed is
   kept, with Bob's error parity ``e = parity(Alice) ^ parity(Bob)`` of its
   range, which each bit Bob flips toggles on every known range that holds it,
@@ -36,15 +39,58 @@ which depends only on public data and Bob's key, and are not counted. Alice's
 own count (:attr:`CascadeAlice.leaked_bits`) is the one privacy amplification
 must use: she counts what she sent, whatever Bob asked.
 
-The exchange is round-based: :class:`CascadeStart` (the schedule and the
-permutation seed) is answered with the parities of all top-level blocks of all
-passes at once (Alice's key never changes, so asking early discloses nothing
-more); then every round carries, in one :class:`ParityRequest`, the left halves
-of all ranges being searched (all the parallel bisections and cascades of the
-current pass and the earlier ones), one bisection level per round. Pass ``i``
-searches start only when no known range of passes ``< i`` is odd, as in
-sequential Cascade. Within a round the replies are processed in request order,
-sorted by (pass, start), so the outcome is a function of the keys and the seed.
+The exchange is round-based: :class:`CascadeStart` (the schedule, its round
+rules and the permutation seed) is answered with the parities of all top-level
+blocks of all passes at once (Alice's key never changes, so asking early
+discloses nothing more); then every round carries, in one :class:`ParityRequest`,
+the ranges being searched (all the parallel bisections and cascades of the
+started passes), and Alice answers with their parities in one
+:class:`ParityReply`. The rules, all of Bob's driving (Alice answers any range),
+from the :class:`CascadeSchedule`:
+
+- **Pass start**: passes start in order. Before each round, while not all have
+  started, the next one starts if the ranges left to search (odd known ranges of
+  the started passes whose halves are not known) number none, or at most
+  ``overlap`` (0 by default: pass ``i`` searches start only when no known range
+  of passes ``< i`` is odd, as in sequential Cascade).
+- **Levels per round**: a round takes the ``A`` ranges left to search, sorted by
+  (pass, start), and asks for each the left half of every sub-range of at least
+  two bits down to ``m`` levels, the range's sub-tree in pre-order (the range,
+  its left half's sub-tree, its right half's): ``2**m - 1`` parities for ``m``
+  bisection levels. ``m`` is the largest value ``<= burst_levels`` with
+  ``A * (2**m - 1) <= burst_width``, at least 1 (:func:`burst_depth`; with the
+  classic ``burst_levels = 1``, one level per round: the left halves only).
+
+The replies are processed in request order (a sub-range is split as soon as its
+parity is known, a bit flipped as soon as a one-bit range is known to be odd), so
+the outcome is a function of the keys, the seed and the schedule.
+
+**Rounds.** Every round costs one round-trip time (RTT) of the classical
+channel, which dominates over a real network. What makes them many is not the
+later passes (after the first two, a handful of errors is left, which one or
+two half-key passes and their cascades find in ``log2 n`` rounds each) but the
+cascades between the first two passes: each bit flipped makes the block of the
+other pass that holds it odd, whose search (``log2 k`` rounds) finds the next
+error, and so on. The errors left after the first pass, linked by the blocks
+they share in both passes, form long chains once ``k2 p`` is well above 1 (a
+giant component), each walked one search at a time from its ends; the frame
+waits for the longest. With the ``"optimized"`` sizes (``k2 p`` of 5 to 13) a
+2**22-bit key at 1 % takes about 900 rounds, 850 of them in these chains.
+``"latency"`` uses ``k1 p`` in (0.6, 1.2] and, up to a QBER of 2.3 %, ``k2 p``
+in (1.5, 3], where the chains stay short: 75 to 140 rounds on average from 0.4
+to 2.5 % (about 100 at 1 and 2 %) for 2**17 to 2**22 bits, for about 0.02 to
+0.025 in ``f``. Above, where short blocks leak more, the second pass keeps
+blocks of 128 bits (``k2 p`` above 3): more rounds (about 200 at 5 %) for an
+``f`` within 0.02 of ``"optimized"``. The chains end in a tail of few long
+searches; there, bursts of ``m`` levels cut the rounds by a further 30 %
+(``burst_width = n p / 256``: at most that many parities a round go to bursts,
+so their leakage scales with the key: 0.001 in ``f`` at 1 %, 0.004 at 2 %,
+0.008 at 5 %; on short keys they hardly apply). Starting later passes early
+(``overlap > 0``) was measured to save only 1-3 rounds more while leaking more
+(half-key searches of ``log2 n`` parities chasing errors that the cascades find
+in ``log2 k1``) and costing time (each split block searched must be laid out),
+so ``"latency"`` keeps ``overlap = 0``; the other variants keep the classic
+rules (``overlap = 0``, ``burst_levels = 1``), for comparison.
 
 Layouts (which bit sits at which position of a pass): pass 0 is the identity;
 a pass with more than two blocks is a Fisher-Yates shuffle driven by SplitMix64
@@ -86,6 +132,7 @@ __all__ = [
     "ParityRequest",
     "VARIANTS",
     "binary_entropy",
+    "burst_depth",
     "choose_schedule",
     "default_passes",
     "efficiency",
@@ -100,8 +147,11 @@ KIND_SPLIT = 2      # two blocks: a random split by hash bit, each block shuffle
 MAX_PASSES = 64
 MAX_BITS = 1 << 31    # positions are int32
 SPLIT_MIN_BITS = 256  # below this, a two-block pass is an ordinary shuffled pass
-VARIANTS = ("optimized", "opt7", "original")
+VARIANTS = ("latency", "optimized", "opt7", "original")
 ORIGINAL_PASSES = 4
+MAX_BURST_LEVELS = 8  # levels a round may search at once (2**8 - 1 parities per range)
+BURST_LEVELS = 4      # "latency": up to 4 levels (15 parities per range) in a round
+BURST_WIDTH_DIV = 256  # "latency": ... when that makes at most n p / 256 parities
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN_INT = 0x9E3779B97F4A7C15
@@ -136,16 +186,29 @@ def _check_qber(qber: float) -> float:
 
 @dataclass(frozen=True)
 class CascadeSchedule:
-    """Block size of every pass of one Cascade run over ``n`` bits.
+    """Block size of every pass of one Cascade run over ``n`` bits, and how the
+    searches are scheduled into rounds.
 
     A pass whose block size is at least ``n/2`` (and below ``n``) has two
     blocks; for ``n >= SPLIT_MIN_BITS`` it is laid out as a random split, whose
     first block holds about ``n/2`` bits (see the module docstring).
+
+    ``overlap``: pass ``q`` starts as soon as at most ``overlap`` ranges of the
+    passes before it are left to search (0: only when none is, sequential Cascade).
+    ``burst_levels``, ``burst_width``: a round that searches ``A`` ranges asks,
+    for each, the left halves of its sub-ranges down to ``m`` levels
+    (``2**m - 1`` parities, fewer near one-bit ranges), ``m`` the largest value
+    ``<= burst_levels`` with ``A * (2**m - 1) <= burst_width``, at least 1
+    (``burst_levels = 1``: one bisection level per round). The defaults are the
+    classic rules.
     """
 
     n: int
     block_sizes: tuple[int, ...]
     variant: str = "custom"
+    overlap: int = 0
+    burst_levels: int = 1
+    burst_width: int = 0
 
     def __post_init__(self) -> None:
         if int(self.n) < 1:
@@ -157,6 +220,12 @@ class CascadeSchedule:
             if not 1 <= int(k) <= int(self.n):
                 raise ValueError(f"block sizes must be in [1, n={self.n}], got {k}")
         object.__setattr__(self, "block_sizes", tuple(int(k) for k in self.block_sizes))
+        for name, lo, hi in (("overlap", 0, MAX_BITS), ("burst_levels", 1, MAX_BURST_LEVELS),
+                             ("burst_width", 0, MAX_BITS)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+            object.__setattr__(self, name, int(v))
 
     @property
     def passes(self) -> int:
@@ -174,19 +243,26 @@ def default_passes(n: int) -> int:
     return max(16, min(MAX_PASSES, math.ceil(math.log2(max(int(n), 2))) + 8))
 
 
-def choose_schedule(n: int, qber: float, variant: str = "optimized",
+def choose_schedule(n: int, qber: float, variant: str = "latency",
                     passes: int | None = None) -> CascadeSchedule:
-    """The block sizes for ``n`` bits at estimated QBER ``qber``.
+    """The block sizes (and round rules) for ``n`` bits at estimated QBER ``qber``.
 
+    ``"latency"`` (the default, for a link with a round-trip time): ``k1`` the
+    largest power of two ``<= 1.2/p``, ``k2`` the largest power of two
+    ``<= max(3/p, 128)``, at most ``8 k1``, then ``ceil(n/2)``;
+    :func:`default_passes` passes; ``overlap = 0``,
+    ``burst_levels = 4``, ``burst_width = floor(n p / 256)`` (see
+    :class:`CascadeSchedule` and the module docstring for why).
     ``"optimized"`` (Martinez-Mateo et al., Cascade opt. (8)): ``alpha =
     log2(1/p) - 1/2``, ``k1 = 2**ceil(alpha)``, ``k2 = 2**ceil((alpha + 12)/2)``,
     then ``ceil(n/2)``; :func:`default_passes` passes. ``"opt7"`` (their opt. (7)):
     ``k1 = 2**ceil(log2(1/p))``, ``k2 = 4 k1``, then ``ceil(n/2)``. ``"original"``
     (Brassard-Salvail): ``k1 = ceil(0.73/p)``, doubling, 4 passes (their schedule;
-    the search is still this module's, with reuse and inference). Block sizes are
-    capped at ``n``. A larger ``k2`` lowers the leakage a little more but makes the
-    cascades of the second pass longer, hence more rounds; the formula's ``k2`` is
-    the balance the paper proposes.
+    the search is still this module's, with reuse and inference). These three keep
+    the classic round rules (sequential passes, one level per round). Block sizes
+    are capped at ``n``. A larger ``k2`` lowers the leakage a little more but makes
+    the cascades of the first two passes much longer, hence more rounds (the
+    ``"optimized"`` ``k2`` is the leakage optimum for long keys).
     """
     n = int(n)
     if n < 1:
@@ -203,11 +279,17 @@ def choose_schedule(n: int, qber: float, variant: str = "optimized",
     if not 1 <= npass <= MAX_PASSES:
         raise ValueError(f"passes must be in [1, {MAX_PASSES}], got {passes}")
     half = (n + 1) // 2
+    rules = {}
     if variant == "original":
         k = math.ceil(0.73 / p)
         sizes = [k << i for i in range(npass)]
     else:
-        if variant == "optimized":
+        if variant == "latency":
+            k1 = 1 << math.floor(math.log2(1.2 / p))
+            k2 = min(8 * k1, 1 << math.floor(math.log2(max(3.0 / p, 128.0))))
+            errors = n * p
+            rules = {"burst_levels": BURST_LEVELS, "burst_width": int(errors // BURST_WIDTH_DIV)}
+        elif variant == "optimized":
             alpha = math.log2(1.0 / p) - 0.5
             k1 = 1 << math.ceil(alpha)
             k2 = 1 << math.ceil((alpha + 12.0) / 2.0)
@@ -216,7 +298,7 @@ def choose_schedule(n: int, qber: float, variant: str = "optimized",
             k2 = 4 * k1
         sizes = [k1, k2] + [half] * (npass - 2)
         sizes = sizes[:npass]
-    return CascadeSchedule(n, tuple(min(int(k), n) for k in sizes), variant)
+    return CascadeSchedule(n, tuple(min(int(k), n) for k in sizes), variant, **rules)
 
 
 # --------------------------------------------------------------------------- messages
@@ -227,11 +309,16 @@ class CascadeStart:
     """Bob to Alice: start a run. Alice answers with a :class:`ParityReply` holding
     the parities of the top-level blocks of every pass, pass by pass, block by
     block, without the last block of passes after the first (inferred by Bob
-    from the parity of the whole key)."""
+    from the parity of the whole key). The round rules of the schedule come along
+    so that both sides hold the same :class:`CascadeSchedule` (Alice checks them;
+    she answers whatever ranges are asked)."""
 
     n: int
     block_sizes: np.ndarray       # int64, one per pass
     permutation_seed: int         # 0 <= seed < 2**64
+    overlap: int = 0              # the round rules of the schedule (:class:`CascadeSchedule`)
+    burst_levels: int = 1
+    burst_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -525,7 +612,8 @@ class CascadeAlice:
             raise ValueError(f"Bob's key has {msg.n} bits, Alice's {self.n}: "
                              "keys of different lengths")
         sizes = _int_array(msg.block_sizes, "block_sizes")
-        sched = CascadeSchedule(self.n, tuple(int(k) for k in sizes))
+        sched = CascadeSchedule(self.n, tuple(int(k) for k in sizes), overlap=msg.overlap,
+                                burst_levels=msg.burst_levels, burst_width=msg.burst_width)
         n, npass = self.n, sched.passes
         self._kind = pass_kinds(sched)
         self._seeds, self._skey = pass_seeds(msg.permutation_seed, npass)
@@ -661,47 +749,139 @@ def _flip(x, key, flipped, cnt, kind, ksz, msplit, skey, sacc, ordered, root_bas
 
 
 @nb.njit(cache=True, nogil=True)
-def _process_kernel(ids, apar, key, flipped, cnt, kind, ksz, msplit, skey, sacc, ordered,
-                    root_base, elem2d, pos2d, bk2d, npass, nstart, nend, nleft, ne,
+def _expand(nd, ap, key, flipped, cnt, kind, ksz, msplit, skey, sacc, ordered, root_base,
+            elem2d, pos2d, bk2d, npass, nstart, nend, nleft, ne, pend, inpend):
+    """Range ``nd`` gets its halves, from Alice's parity ``ap`` of the left one; a
+    one-bit half that is odd is flipped, a longer one joins the search."""
+    q = npass[nd]
+    s = nstart[nd]
+    t = nend[nd]
+    mid = s + (t - s) // 2
+    el = np.uint8(ap ^ _xor_range(bk2d[q], s, mid))
+    er = ne[nd] ^ el
+    c = cnt[0]
+    cnt[0] += 2
+    npass[c] = q
+    nstart[c] = s
+    nend[c] = mid
+    nleft[c] = -1
+    ne[c] = el
+    inpend[c] = 0
+    npass[c + 1] = q
+    nstart[c + 1] = mid
+    nend[c + 1] = t
+    nleft[c + 1] = -1
+    ne[c + 1] = er
+    inpend[c + 1] = 0
+    nleft[nd] = c
+    for j in (c, c + 1):
+        if ne[j] == 1:
+            if nend[j] - nstart[j] == 1:
+                _flip(_elem_at(q, nstart[j], kind, elem2d), key, flipped, cnt, kind, ksz,
+                      msplit, skey, sacc, ordered, root_base, pos2d, bk2d, nstart, nend,
+                      nleft, ne, pend, inpend)
+            else:
+                _push(j, pend, inpend, cnt)
+
+
+@nb.njit(cache=True, nogil=True)
+def _process_kernel(ids, levels, apar, key, flipped, cnt, kind, ksz, msplit, skey, sacc,
+                    ordered, root_base, elem2d, pos2d, bk2d, npass, nstart, nend, nleft, ne,
                     pend, inpend):
-    """Bob takes Alice's parities of the left halves of the ranges ``ids``.
+    """Bob takes Alice's parities of the left halves of the ranges ``ids`` and, with
+    ``levels > 1``, of their sub-ranges of at least two bits down to ``levels``
+    levels, in the order of :func:`_request_kernel` (each range's sub-tree in
+    pre-order: a range, then its left half's sub-tree, then its right half's).
 
     Returns -1 if a parity is not 0/1 (nothing is changed then), else 0."""
-    for r in range(ids.size):
+    for r in range(apar.size):
         if apar[r] > 1:
             return -1
+    stk = np.empty(levels + 1, np.int64)
+    dep = np.empty(levels + 1, np.int64)
+    i = 0
     for r in range(ids.size):
-        nd = ids[r]
-        q = npass[nd]
-        s = nstart[nd]
-        t = nend[nd]
-        mid = s + (t - s) // 2
-        el = np.uint8(apar[r] ^ _xor_range(bk2d[q], s, mid))
-        er = ne[nd] ^ el
-        c = cnt[0]
-        cnt[0] += 2
-        npass[c] = q
-        nstart[c] = s
-        nend[c] = mid
-        nleft[c] = -1
-        ne[c] = el
-        inpend[c] = 0
-        npass[c + 1] = q
-        nstart[c + 1] = mid
-        nend[c + 1] = t
-        nleft[c + 1] = -1
-        ne[c + 1] = er
-        inpend[c + 1] = 0
-        nleft[nd] = c
-        for j in (c, c + 1):
-            if ne[j] == 1:
-                if nend[j] - nstart[j] == 1:
-                    _flip(_elem_at(q, nstart[j], kind, elem2d), key, flipped, cnt, kind, ksz,
-                          msplit, skey, sacc, ordered, root_base, pos2d, bk2d, nstart, nend,
-                          nleft, ne, pend, inpend)
-                else:
-                    _push(j, pend, inpend, cnt)
+        stk[0] = ids[r]
+        dep[0] = 0
+        top = 1
+        while top > 0:
+            top -= 1
+            nd = stk[top]
+            d = dep[top]
+            _expand(nd, apar[i], key, flipped, cnt, kind, ksz, msplit, skey, sacc, ordered,
+                    root_base, elem2d, pos2d, bk2d, npass, nstart, nend, nleft, ne, pend,
+                    inpend)
+            i += 1
+            if d + 1 < levels:
+                c = np.int64(nleft[nd])
+                for j in (c + 1, c):          # the left half's sub-tree comes first
+                    if nend[j] - nstart[j] >= 2:
+                        stk[top] = j
+                        dep[top] = d + 1
+                        top += 1
     return 0
+
+
+@nb.njit(cache=True, nogil=True)
+def _request_kernel(qs, st, en, levels):
+    """The ranges a round asks, in order: for each range ``[st, en)`` of pass ``qs``,
+    the left halves of its sub-tree of ranges of at least two bits, ``levels`` deep,
+    in pre-order. Returns (pass, start, end) arrays."""
+    cap = qs.size * ((1 << levels) - 1)
+    oq = np.empty(cap, np.int32)
+    os_ = np.empty(cap, np.int64)
+    oe = np.empty(cap, np.int64)
+    sa = np.empty(levels + 1, np.int64)
+    sb = np.empty(levels + 1, np.int64)
+    dep = np.empty(levels + 1, np.int64)
+    k = 0
+    for r in range(qs.size):
+        sa[0] = st[r]
+        sb[0] = en[r]
+        dep[0] = 0
+        top = 1
+        while top > 0:
+            top -= 1
+            a = sa[top]
+            b = sb[top]
+            d = dep[top]
+            mid = a + (b - a) // 2
+            oq[k] = qs[r]
+            os_[k] = a
+            oe[k] = mid
+            k += 1
+            if d + 1 < levels:
+                if b - mid >= 2:
+                    sa[top] = mid
+                    sb[top] = b
+                    dep[top] = d + 1
+                    top += 1
+                if mid - a >= 2:
+                    sa[top] = a
+                    sb[top] = mid
+                    dep[top] = d + 1
+                    top += 1
+    return oq[:k], os_[:k], oe[:k]
+
+
+@nb.njit(cache=True, nogil=True)
+def _count_search_kernel(pend, cnt, ne, nleft):
+    """How many ranges the next round would search (odd, halves unknown)."""
+    c = 0
+    for i in range(cnt[1]):
+        nd = pend[i]
+        if ne[nd] == 1 and nleft[nd] < 0:
+            c += 1
+    return c
+
+
+def burst_depth(ranges: int, burst_levels: int, burst_width: int) -> int:
+    """Levels a round searching ``ranges`` ranges asks at once (see
+    :class:`CascadeSchedule`)."""
+    m = 1
+    while m < burst_levels and ranges * ((2 << m) - 1) <= burst_width:
+        m += 1
+    return m
 
 
 @nb.njit(cache=True, nogil=True)
@@ -799,6 +979,8 @@ class CascadeBob:
         self.rounds = 0
         self._state = "new"
         self._ids = np.empty(0, np.int64)
+        self._levels = 1
+        self._asked = 0
 
     # -- setup
     def start(self) -> CascadeStart:
@@ -861,7 +1043,8 @@ class CascadeBob:
         self._cnt = np.array([nroots, 0, 0, -1], np.int64)
         self._state = "started"
         return CascadeStart(n=n, block_sizes=np.array(sched.block_sizes, np.int64),
-                            permutation_seed=self.permutation_seed)
+                            permutation_seed=self.permutation_seed, overlap=sched.overlap,
+                            burst_levels=sched.burst_levels, burst_width=sched.burst_width)
 
     def _split_parities(self, q: int) -> None:
         """Split pass ``q`` starts: Bob's error parities of its blocks, from his key now
@@ -928,17 +1111,16 @@ class CascadeBob:
         self._state = "searching"
 
     def _take_search(self, par: np.ndarray) -> None:
-        ids = self._ids
-        if par.size != ids.size:
-            raise ValueError(f"Alice's reply has {par.size} parities, {ids.size} were asked")
-        need = int(self._cnt[0]) + 2 * ids.size
+        if par.size != self._asked:
+            raise ValueError(f"Alice's reply has {par.size} parities, {self._asked} were asked")
+        need = int(self._cnt[0]) + 2 * self._asked
         if need > self._ne.size:
             self._grow(need)
-        code = _process_kernel(ids, par, self.key, self._flipped, self._cnt, self._kind,
-                               self._ksz, self._msplit, self._skey, self._sacc, self._ordered,
-                               self._root_base, self._elem2d, self._pos2d, self._bk2d,
-                               self._npass, self._nstart, self._nend, self._nleft, self._ne,
-                               self._pend, self._inpend)
+        code = _process_kernel(self._ids, self._levels, par, self.key, self._flipped,
+                               self._cnt, self._kind, self._ksz, self._msplit, self._skey,
+                               self._sacc, self._ordered, self._root_base, self._elem2d,
+                               self._pos2d, self._bk2d, self._npass, self._nstart, self._nend,
+                               self._nleft, self._ne, self._pend, self._inpend)
         if code < 0:
             raise ValueError("Alice's reply holds values other than 0 and 1")
 
@@ -953,8 +1135,28 @@ class CascadeBob:
         self._inpend = np.concatenate([self._inpend, np.zeros(extra, np.uint8)])
         self._pend = np.concatenate([self._pend, np.empty(extra, np.int64)])
 
+    def _start_pass(self, q: int) -> None:
+        """Pass ``q`` starts: its odd blocks join the search."""
+        if self._kind[q] == KIND_SPLIT:
+            self._split_parities(q)
+        while _start_pass_kernel(q, self.key, self._flipped, self._cnt, self._kind,
+                                 self._ksz, self._msplit, self._skey, self._sacc,
+                                 self._ordered, self._root_base, self._elem2d, self._pos2d,
+                                 self._bk2d, self._nstart, self._nend, self._nleft,
+                                 self._ne, self._pend, self._inpend):
+            self._order_split(q, 0)       # a one-bit block of a split pass is odd
+            self._order_split(q, 1)
+
     def _next(self) -> ParityRequest | None:
+        sched = self.schedule
         while True:
+            if sched.overlap > 0:
+                # the next pass starts while at most `overlap` ranges are left to search
+                while int(self._cnt[3]) + 1 < sched.passes:
+                    left = _count_search_kernel(self._pend, self._cnt, self._ne, self._nleft)
+                    if left == 0 or left > sched.overlap:
+                        break
+                    self._start_pass(int(self._cnt[3]) + 1)
             ids, qs, st, mid = _collect_kernel(self._pend, self._inpend, self._cnt, self._ne,
                                                self._nleft, self._nstart, self._nend,
                                                self._npass, self.n, self._kind, self._msplit,
@@ -962,24 +1164,21 @@ class CascadeBob:
             if ids.size:
                 break
             q = int(self._cnt[3]) + 1
-            if q >= self.schedule.passes:
+            if q >= sched.passes:
                 self._state = "done"
                 self._ids = ids
+                self._asked = 0
                 return None
-            if self._kind[q] == KIND_SPLIT:
-                self._split_parities(q)
-            while _start_pass_kernel(q, self.key, self._flipped, self._cnt, self._kind,
-                                     self._ksz, self._msplit, self._skey, self._sacc,
-                                     self._ordered, self._root_base, self._elem2d, self._pos2d,
-                                     self._bk2d, self._nstart, self._nend, self._nleft,
-                                     self._ne, self._pend, self._inpend):
-                self._order_split(q, 0)       # a one-bit block of a split pass is odd
-                self._order_split(q, 1)
+            self._start_pass(q)
         if self._need.any():
             for p, blk in zip(*np.nonzero(self._need), strict=True):
                 self._order_split(int(p), int(blk))
             self._need[:] = 0
         self._ids = ids
+        self._levels = m = burst_depth(ids.size, sched.burst_levels, sched.burst_width)
+        if m > 1:
+            qs, st, mid = _request_kernel(qs, st, self._nend[ids], m)
+        self._asked = int(st.size)
         return ParityRequest(pass_index=qs, start=st, end=mid)
 
     def result(self) -> CascadeResult:

@@ -4,12 +4,15 @@ Written from the protocol description in that module, with no numba and no
 incremental bookkeeping: its own SplitMix64 and Fisher-Yates for the pass
 layouts, every parity computed by summing bits, every error parity recomputed
 from its definition ``parity(Alice) ^ parity(Bob)`` over the range. It runs the
-same rounds (all top-level parities first; then, in each round, the left halves
-of all odd known ranges of the current and earlier passes whose halves are not
-known, sorted by (pass, start), replies taken in that order, a bit flipped as
-soon as a one-bit range is known to be odd), so for the same keys and seed it
-must disclose the same parities and flip the same bits as the numba version.
-Slow: for tests on small keys.
+same rounds: all top-level parities first; then, before each round, passes start
+in order while the ranges left to search (odd known ranges of the started passes
+whose halves are not known) number none, or at most the schedule's ``overlap``;
+each round takes those ranges sorted by (pass, start) and asks, for each, the
+left halves of its sub-ranges of at least two bits down to ``m`` levels in
+pre-order (``m`` from :func:`qkdctl.postprocess.cascade.burst_depth`), replies
+taken in that order, a bit flipped as soon as a one-bit range is known to be odd.
+So for the same keys and seed it must disclose the same parities and flip the
+same bits as the numba version. Slow: for tests on small keys.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .cascade import (
     KIND_SPLIT,
     CascadeResult,
     CascadeSchedule,
+    burst_depth,
     choose_schedule,
     pass_kinds,
 )
@@ -143,29 +147,49 @@ def reconcile_reference(alice_key, bob_key, qber_estimate: float, permutation_se
         if q == 0:
             total = acc
 
-    cur = -1
-    while True:
+    def frontier() -> list[tuple[int, int, int]]:
         odd_singletons = [nd for nd in known if nd[0] <= cur and nd[2] - nd[1] == 1
                           and nd not in expanded and err(nd)]
         assert not odd_singletons
-        frontier = sorted(nd for nd in known if nd[0] <= cur and nd not in expanded
-                          and nd[2] - nd[1] >= 2 and err(nd))
-        if not frontier:
-            cur += 1
-            if cur == npass:
-                break
-            for a, b in blocks[cur]:
-                if b - a == 1 and err((cur, a, b)):
-                    flip(elems[cur][a])
+        return sorted(nd for nd in known if nd[0] <= cur and nd not in expanded
+                      and nd[2] - nd[1] >= 2 and err(nd))
+
+    def start_next_pass() -> None:
+        nonlocal cur
+        cur += 1
+        for a, b in blocks[cur]:
+            if b - a == 1 and err((cur, a, b)):
+                flip(elems[cur][a])
+
+    def subtree(q: int, a: int, b: int, depth: int) -> list[tuple[int, int, int]]:
+        """The ranges of at least two bits under (q, a, b), ``depth`` levels, pre-order."""
+        if b - a < 2 or depth == 0:
+            return []
+        mid = a + (b - a) // 2
+        return ([(q, a, b)] + subtree(q, a, mid, depth - 1)
+                + subtree(q, mid, b, depth - 1))
+
+    cur = -1
+    while True:
+        front = frontier()
+        if front and len(front) <= schedule.overlap and cur + 1 < npass:
+            start_next_pass()
             continue
-        request = [(q, a, a + (b - a) // 2) for q, a, b in frontier]
+        if not front:
+            if cur + 1 == npass:
+                break
+            start_next_pass()
+            continue
+        m = burst_depth(len(front), schedule.burst_levels, schedule.burst_width)
+        ranges = [r for q, a, b in front for r in subtree(q, a, b, m)]
+        request = [(q, a, a + (b - a) // 2) for q, a, b in ranges]
         reply = [alice_parity(*r) for r in request]
         if trace is not None:
             trace.requests.append(request)
             trace.replies.append(reply)
         leaked += len(reply)
         rounds += 1
-        for (q, a, b), par in zip(frontier, reply, strict=True):
+        for (q, a, b), par in zip(ranges, reply, strict=True):
             mid = a + (b - a) // 2
             known[(q, a, mid)] = par
             known[(q, mid, b)] = known[(q, a, b)] ^ par
