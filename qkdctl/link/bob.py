@@ -63,6 +63,8 @@ class BobSifting:
         self.lanes = lanes
         self.stats = SiftStats(params.n_intensities)
         self.sifted_bits = 0
+        #: time the tagger loop waited for Alice's replies (the window was full)
+        self.wait_s = 0.0
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="qkdctl-bob-sift")
         self._inflight: deque[concurrent.futures.Future] = deque()
@@ -77,8 +79,10 @@ class BobSifting:
             self.lanes.add(det, keep)
 
     def _wait(self, keep: int) -> None:
+        t0 = time.perf_counter()
         while len(self._inflight) > keep:
             self._inflight.popleft().result()
+        self.wait_s += time.perf_counter() - t0
 
     def feed(self, ts, ch, final: bool = False) -> None:
         self._wait(self.window - 1)
@@ -171,6 +175,7 @@ def _session(cfg, link, psk, store, seed, duration_s, block_s, progress, stop_re
                     interrupted = True
                     break
             ts, ch = tagger.finish()
+            t_acquired = time.perf_counter()
             pulses = getattr(tagger, "pulses_simulated", None)
             elapsed = getattr(tagger, "elapsed_s", elapsed)
             sifting.feed(ts, ch)
@@ -197,6 +202,10 @@ def _session(cfg, link, psk, store, seed, duration_s, block_s, progress, stop_re
                       sifted_bits=sifting.sifted_bits,
                       source="simulated bench" if simulated else "bench")
     s["role"] = "bob"
+    # how long the session went on after the tagger stopped: the last blocks' sifting
+    # and distillation, whose round trips a long link pays at the end of a session
+    s["tail_wall_s"] = time.perf_counter() - t_acquired
+    s["reply_wait_s"] = sifting.wait_s
     for d in s["counts_by_intensity"].values():
         # Alice discloses the intensity class of the kept pulses only
         d["detections"] = d["gain"] = None
