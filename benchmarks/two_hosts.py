@@ -65,7 +65,8 @@ def session(duration: float, rtt_s: float, seed: int) -> dict:
             "secret_bps": sb["secret_bits"] / wall, "detections": sb["detected_pulses"],
             "bits_per_detection": 8 * traffic / sb["detected_pulses"],
             "bob_bytes": sb["link"]["bytes_sent"], "alice_bytes": sa["link"]["bytes_sent"],
-            "blocks": sb["distillation"]["blocks_distilled"], "tail_s": sb["tail_wall_s"], "reply_wait_s": sb["reply_wait_s"],
+            "blocks": sb["distillation"]["blocks_distilled"], "tail_s": sb["tail_wall_s"],
+            "reply_wait_s": sb["reply_wait_s"],
             "rounds": [blk["ec_rounds"] for blk in sb["distillation"]["blocks"]]}
 
 
