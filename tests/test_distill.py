@@ -343,3 +343,34 @@ def test_point_estimate_spread_matches_poisson():
     pe = point_estimates("bb84-decoy", mu, p, n_mean, m_mean, n_mean, m_mean)
     assert np.std(s1) == pytest.approx(pe["s1_key_sigma"], rel=0.08)
     assert np.mean(s1) == pytest.approx(pe["s1_key"], abs=4 * pe["s1_key_sigma"] / 40)
+
+
+def test_the_last_block_of_a_session_trades_disclosure_for_round_trips():
+    """The block cut when the acquisition ends is distilled with deeper Cascade bursts
+    (nothing overlaps its round trips): fewer rounds, a little more disclosed."""
+    from qkdctl.postprocess import cascade
+    from qkdctl.postprocess.distill import LAST_BLOCK_BURST, _schedule
+
+    n, q = 1 << 20, 0.011
+    plain, last = _schedule(n, q, False), _schedule(n, q, True)
+    assert plain == cascade.choose_schedule(n, q)
+    assert last.burst_levels == LAST_BLOCK_BURST[0] > plain.burst_levels
+    assert last.burst_width == int(n * q * LAST_BLOCK_BURST[1]) > plain.burst_width
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    b = a ^ (rng.random(n) < q).astype(np.uint8)
+    r_plain = cascade.reconcile(a, b, q, 5, schedule=plain)
+    r_last = cascade.reconcile(a, b, q, 5, schedule=last)
+    assert np.array_equal(r_last.corrected, a) and np.array_equal(r_plain.corrected, a)
+    assert r_last.rounds < 0.85 * r_plain.rounds
+    assert r_plain.leaked_bits < r_last.leaked_bits < 1.1 * r_plain.leaked_bits
+
+
+def test_only_the_block_cut_at_the_end_is_the_last():
+    from qkdctl.postprocess.stream import SideBuffer
+
+    buf = SideBuffer.empty()
+    z = np.zeros(100, np.uint8)
+    buf.add(z, z, z[:10], z[:10])
+    assert not buf.cut(0, 60).last
+    assert buf.cut(1, 40, last=True).last

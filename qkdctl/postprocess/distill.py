@@ -48,6 +48,7 @@ runs the exchange for one block with both roles in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -241,6 +242,8 @@ class KeyBlock:
     intensity: np.ndarray
     test_bits: np.ndarray
     test_intensity: np.ndarray
+    #: the last block of a session, cut when the acquisition ended
+    last: bool = False
 
     def __repr__(self) -> str:  # never show key material
         return (f"KeyBlock(block={self.block}, key_bits={self.key.shape[0]}, "
@@ -525,7 +528,8 @@ class BobDistiller(_Role):
         keep[sample] = False
         key = b.key[keep]
         res.key_bits = int(key.shape[0])
-        ec = cascade.CascadeBob(key, q_est, int.from_bytes(self.rng_bytes(8), "little"))
+        ec = cascade.CascadeBob(key, q_est, int.from_bytes(self.rng_bytes(8), "little"),
+                                _schedule(key.shape[0], q_est, b.last))
         send(ec.start())
         reply = ch.recv()
         while (req := ec.next_request(reply)) is not None:
@@ -655,6 +659,22 @@ def key_digest(block: int, hash_key: bytes, tag: bytes, out_bits: int, seed: byt
                  seed):
         h.update(len(part).to_bytes(4, "little") + part)
     return h.hexdigest()[:32]
+
+
+#: Cascade's bursts for the last block of a session (levels, parities per round as a
+#: fraction of the expected errors): nothing overlaps its round trips, so they are all
+#: paid at the end of the session; deeper bursts take 70-80 rounds instead of 100-140
+#: for a 2^22-bit block at 1 % QBER, at f = 1.10 instead of 1.05 on that block only
+LAST_BLOCK_BURST = (6, 1 / 16)
+
+
+def _schedule(n: int, qber: float, last: bool) -> cascade.CascadeSchedule:
+    schedule = cascade.choose_schedule(n, qber)
+    if not last:
+        return schedule
+    levels, width = LAST_BLOCK_BURST
+    return dataclasses.replace(schedule, burst_levels=levels,
+                               burst_width=max(schedule.burst_width, int(n * qber * width)))
 
 
 def _seed_bits(raw: bytes, n: int) -> np.ndarray:

@@ -90,8 +90,8 @@ class _Lanes:
         while self.buffer.n_key >= self.block_bits:
             self._submit(self.block_bits)
 
-    def _submit(self, n: int) -> None:
-        blk = self.buffer.cut(self.next_block, n)
+    def _submit(self, n: int, last: bool = False) -> None:
+        blk = self.buffer.cut(self.next_block, n, last)
         self._queues[self.next_block % len(self._queues)].put(blk)
         self.next_block += 1
 
@@ -100,7 +100,7 @@ class _Lanes:
         wait for every lane."""
         rest = self.buffer.n_key
         if rest >= self.min_block_bits:
-            self._submit(rest)
+            self._submit(rest, last=True)
         elif rest:
             self.discarded_bits += rest
             self.buffer.cut(self.next_block, rest)

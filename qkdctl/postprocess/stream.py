@@ -70,14 +70,15 @@ class SideBuffer:
         self.test_intensity.append(test_intensity)
         self.n_key += key.shape[0]
 
-    def cut(self, block: int, n: int) -> KeyBlock:
-        """The first ``n`` key bits and every test bit so far, as a block."""
+    def cut(self, block: int, n: int, last: bool = False) -> KeyBlock:
+        """The first ``n`` key bits and every test bit so far, as a block (``last``: the
+        session's last)."""
         key = np.concatenate(self.key) if self.key else np.zeros(0, np.uint8)
         inten = np.concatenate(self.intensity) if self.intensity else np.zeros(0, np.uint8)
         test = np.concatenate(self.test) if self.test else np.zeros(0, np.uint8)
         tint = np.concatenate(self.test_intensity) if self.test_intensity else \
             np.zeros(0, np.uint8)
-        blk = KeyBlock(block, key[:n], inten[:n], test, tint)
+        blk = KeyBlock(block, key[:n], inten[:n], test, tint, last)
         self.key, self.intensity = [key[n:]], [inten[n:]]
         self.test, self.test_intensity = [], []
         self.n_key = key.shape[0] - n
@@ -136,9 +137,9 @@ class KeyDistillation:
         while self._b.n_key >= self.block_bits:
             self._submit(self.block_bits)
 
-    def _submit(self, n: int) -> None:
-        a = self._a.cut(self._next_block, n)
-        b = self._b.cut(self._next_block, n)
+    def _submit(self, n: int, last: bool = False) -> None:
+        a = self._a.cut(self._next_block, n, last)
+        b = self._b.cut(self._next_block, n, last)
         self._next_block += 1
         if self.alarm is not None or self.error is not None:
             self.discarded_bits += n
@@ -185,7 +186,7 @@ class KeyDistillation:
         """Distil the last, partial block if it is long enough; wait for all blocks."""
         rest = self._b.n_key
         if rest >= self.min_block_bits:
-            self._submit(rest)
+            self._submit(rest, last=True)
         elif rest:
             self.discarded_bits += rest
             self._a.cut(self._next_block, rest)
