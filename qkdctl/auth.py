@@ -247,6 +247,8 @@ class TcpTransport(Transport):
         self._sock: socket.socket | None = sock
         self.timeout = timeout
         self.max_frame = max_frame
+        #: called whenever bytes arrive (a frame may take a while: the link's idle check)
+        self.on_data: Callable[[], None] | None = None
         try:
             host, port = sock.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -327,6 +329,8 @@ class TcpTransport(Transport):
                                          f"a {what}: got {got} of {n} bytes")
                 parts.append(chunk)
                 got += len(chunk)
+                if self.on_data is not None:
+                    self.on_data()
         except TimeoutError:
             self.close()
             raise TransportError(f"no data from {self.peer} within {self.timeout} s "

@@ -286,3 +286,43 @@ def test_key_store_reconciliation_keeps_exactly_the_common_keys(tmp_path):
     assert [r.key_id for r in b.list()] == ["k0", "k2"]
     assert not (tmp_path / "alice" / "k1.key").exists()
     assert np.array_equal(a.read("k2"), b.read("k2"))
+
+
+def test_both_sides_sending_large_frames_at_once_do_not_lock_each_other(pair):
+    """Writers on both sides blocked on full socket buffers: the readers keep reading
+    (they never wait for the send lock), so every frame arrives."""
+    p = pair()
+    big = os.urandom(16 << 20)
+
+    def pump(link):
+        for _ in range(3):
+            link.send(1, big)
+    threads = [threading.Thread(target=pump, args=(link,), daemon=True)
+               for link in (p.alice, p.bob) for _ in range(2)]
+    for t in threads:
+        t.start()
+    got = {"alice": 0, "bob": 0}
+
+    def drain(name, link):
+        for _ in range(6):
+            assert link.recv(1, timeout=60) == big
+            got[name] += 1
+    readers = [threading.Thread(target=drain, args=(n, link), daemon=True)
+               for n, link in (("alice", p.alice), ("bob", p.bob))]
+    for t in readers:
+        t.start()
+    for t in threads + readers:
+        t.join(90)
+    assert got == {"alice": 6, "bob": 6}
+
+
+def test_a_small_send_buffer_waits_for_acknowledgements_instead_of_locking(pair):
+    p = pair(max_buffer_bytes=10_000)
+    out = []
+    t = threading.Thread(target=lambda: out.extend(p.alice.recv(1, timeout=30)
+                                                   for _ in range(200)), daemon=True)
+    t.start()
+    for i in range(200):
+        p.bob.send(1, b"%d" % i + bytes(3000))
+    t.join(60)
+    assert out == [b"%d" % i + bytes(3000) for i in range(200)]

@@ -57,6 +57,9 @@ _DATA = struct.Struct("<cBQQ")
 _PING = struct.Struct("<cQ")
 _ACK_EVERY_BYTES = 4 << 20
 _HANDSHAKE_MAX_FRAME = 256
+_MAX_HANDSHAKES = 8
+#: channel numbers a session uses: control, sifting and up to 64 distillation lanes
+MAX_CHANNELS = 2 + 64
 _MAX_FRAME = (1 << 31) - 1
 
 
@@ -94,12 +97,15 @@ class Link:
         self.link_id = hs.NEW_LINK
         self.nonces = (b"", b"")
         self._cond = threading.Condition()        # receive queues and link state
+        # Lock order: _send_lock, then _buf_lock or _cond. The reader thread never takes
+        # _send_lock (a sender blocked in a socket write must not stop the reading that
+        # would let the peer's own writes, and so this one, complete).
         self._send_lock = threading.RLock()       # sequence numbers and socket writes
+        self._buf_lock = threading.Lock()         # the frames kept until acknowledged
         self._queues: dict[int, deque[bytes]] = {}
         self._conn: TcpTransport | None = None
         self._next_seq = 0                        # data frames sent
         self._received = 0                        # data frames received in order
-        self._acked_to_peer = 0
         self._bytes_since_ack = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
         self._unacked_bytes = 0
@@ -112,6 +118,7 @@ class Link:
         self._listener: TcpListener | None = None
         self._target: tuple[str, int] | None = None
         self._threads: list[threading.Thread] = []
+        self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
         self.reconnects = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -246,36 +253,45 @@ class Link:
         """Make ``conn`` the link's connection and send again what the peer lacks."""
         conn.set_timeout(None)
         conn.max_frame = _MAX_FRAME
+        conn.on_data = self._heard   # a long frame arriving slowly is not silence
         with self._send_lock:
             if peer_received > self._next_seq:
                 conn.close()
                 raise hs.HandshakeError(f"the peer claims {peer_received} frames; "
                                         f"{self._next_seq} were sent")
-            self._trim(peer_received)
-            if self._unacked and self._unacked[0][0] > peer_received:
+            with self._buf_lock:
+                self._trim(peer_received)
+                lost = self._unacked and self._unacked[0][0] > peer_received
+                first = self._unacked[0][0] if self._unacked else 0
+                resend = [frame for _, frame in self._unacked]
+            if lost:
                 conn.close()
-                self._fail(f"frames {peer_received}..{self._unacked[0][0] - 1} to "
-                           f"{self.peer_role} are lost: the link cannot resume")
+                self._fail(f"frames {peer_received}..{first - 1} to {self.peer_role} are "
+                           "lost: the link cannot resume")
                 return
-            old, self._conn = self._conn, conn
-            if old is not None:
-                old.close()
             with self._cond:
+                old, self._conn = self._conn, conn
                 self._down_since = None
                 self._last_rx = time.monotonic()
+            if old is not None:
+                old.close()
+            # read before sending again: both sides resend at once after a drop
+            t = threading.Thread(target=self._reader, args=(conn,), daemon=True,
+                                 name=f"qkdctl-{self.role}-link-reader")
+            t.start()
+            self._threads.append(t)
             try:
-                for _, frame in self._unacked:
+                for frame in resend:
                     conn.send_bytes(frame)
                     self.bytes_sent += len(frame) + 4
             except TransportError as e:
                 self._drop(conn, str(e))
                 return
-        t = threading.Thread(target=self._reader, args=(conn,), daemon=True,
-                             name=f"qkdctl-{self.role}-link-reader")
-        t.start()
-        self._threads.append(t)
-        if self.nonces != (b"", b"") and old is not None or self.reconnects:
+        if old is not None or self.reconnects:
             log.info("%s: connection to %s restored", self.name, self.peer_role)
+
+    def _heard(self) -> None:
+        self._last_rx = time.monotonic()
 
     def _start(self, *, acceptor: bool) -> None:
         t = threading.Thread(target=self._maintain, daemon=True,
@@ -298,20 +314,21 @@ class Link:
         return LinkChannel(self, number)
 
     def send(self, number: int, payload: bytes) -> None:
+        # wait for room without holding the send lock: the acknowledgements that make
+        # room are read meanwhile
+        with self._cond:
+            while self._unacked_bytes > self.max_buffer_bytes:
+                self._check()
+                self._cond.wait(0.1)
         with self._send_lock:
             self._check()
-            while self._unacked_bytes > self.max_buffer_bytes:
-                # the peer is far behind (or away): wait for acknowledgements
-                with self._cond:
-                    self._cond.wait(0.1)
-                self._check()
             seq = self._next_seq
-            self._next_seq += 1
-            self.sent_by_channel[number] = self.sent_by_channel.get(number, 0) + len(payload)
             frame = _DATA.pack(b"D", number, seq, self._received) + payload
-            self._unacked.append((seq, frame))
-            self._unacked_bytes += len(frame)
-            self._acked_to_peer = self._received
+            with self._buf_lock:
+                self._unacked.append((seq, frame))
+                self._unacked_bytes += len(frame)
+            self._next_seq = seq + 1
+            self.sent_by_channel[number] = self.sent_by_channel.get(number, 0) + len(payload)
             conn = self._conn
             if conn is not None:
                 try:
@@ -401,20 +418,26 @@ class Link:
                 self._last_rx = time.monotonic()
             if kind == b"D" and len(frame) >= _DATA.size:
                 _, number, seq, ack = _DATA.unpack_from(frame)
+                if number >= MAX_CHANNELS:
+                    self._drop(conn, f"frame on channel {number}, which no session opens")
+                    return
                 self._on_ack(ack, conn)
-                if seq < self._received:
-                    continue  # sent again after a reconnect: already have it
-                if seq > self._received:
+                with self._cond:
+                    if self._conn is not conn:
+                        return
+                    gap = seq > self._received
+                    if seq == self._received:
+                        self._queues.setdefault(number, deque()).append(frame[_DATA.size:])
+                        self._received += 1
+                        self._cond.notify_all()
+                    # seq < received: sent again after a reconnect, already here
+                if gap:
                     self._drop(conn, f"frame {seq} on channel {number} out of order "
                                f"(expected {self._received})")
                     return
-                with self._cond:
-                    self._queues.setdefault(number, deque()).append(frame[_DATA.size:])
-                    self._received += 1
-                    self._cond.notify_all()
                 self._bytes_since_ack += len(frame)
                 if self._bytes_since_ack >= _ACK_EVERY_BYTES:
-                    self._ping(conn)
+                    self._ping(conn, wait=False)
             elif kind == b"P" and len(frame) == _PING.size:
                 self._on_ack(_PING.unpack(frame)[1], conn)
             elif kind == b"B" and len(frame) >= 2:
@@ -431,25 +454,31 @@ class Link:
                 return
 
     def _on_ack(self, ack: int, conn: TcpTransport) -> None:
-        with self._send_lock:
-            if ack > self._next_seq:
-                self._drop(conn, f"acknowledgement of frame {ack} never sent")
-                return
+        if ack > self._next_seq:
+            self._drop(conn, f"acknowledgement of frame {ack} never sent")
+            return
+        with self._buf_lock:
             self._trim(ack)
         with self._cond:
             self._cond.notify_all()
 
-    def _ping(self, conn: TcpTransport) -> None:
-        with self._send_lock:
+    def _ping(self, conn: TcpTransport, wait: bool = True) -> None:
+        """Send an acknowledgement (and keep-alive), unless a sender holds the socket:
+        the reader does not wait (its data frames carry acknowledgements anyway), the
+        maintainer waits a ping interval at most."""
+        if not self._send_lock.acquire(timeout=self.ping_interval_s if wait else 0):
+            return
+        try:
             if self._conn is not conn:
                 return
             self._bytes_since_ack = 0
-            self._acked_to_peer = self._received
             try:
                 conn.send_bytes(_PING.pack(b"P", self._received))
                 self.bytes_sent += _PING.size + 4
             except TransportError as e:
                 self._drop(conn, str(e))
+        finally:
+            self._send_lock.release()
 
     def _maintain(self) -> None:
         last_dial = 0.0
@@ -488,13 +517,25 @@ class Link:
                 conn = listener.accept(timeout=0.5)
             except TransportError:
                 continue
-            # each handshake in its own thread: a silent peer must not block the real one
+            # each handshake in its own thread, so that a silent peer does not block the
+            # real one; a bounded number at once, so that a flood does not exhaust threads
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("%s: dropped a connection from %s: %d handshakes under way",
+                            self.name, conn.peer, _MAX_HANDSHAKES)
+                conn.close()
+                continue
             threading.Thread(target=self._accept_later, args=(conn,), daemon=True,
                              name=f"qkdctl-{self.role}-handshake").start()
 
     def _accept_later(self, conn: TcpTransport) -> None:
-        if self._accept(conn, first=False):
-            self.reconnects += 1
+        try:
+            if self._accept(conn, first=False):
+                self.reconnects += 1
+        except TransportError as e:
+            log.warning("%s: dropped a connection from %s: %s", self.name, conn.peer, e)
+            conn.close()
+        finally:
+            self._handshakes.release()
 
     # ------------------------------------------------------------------ closing
     def close(self, reason: str = "session ended", code: int = BYE_DONE) -> None:
