@@ -167,6 +167,7 @@ def cmd_side(args: argparse.Namespace) -> int:
     from .link.report import format_side_summary
 
     cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
+    _terminate_as_interrupt()   # a SIGTERM (kill, systemd) leaves the bench safe too
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     common = {"seed": args.seed, "progress": progress, "psk_file": args.psk_file,
               "keystore": False if args.no_keystore else args.keystore}
@@ -188,9 +189,18 @@ def cmd_side(args: argparse.Namespace) -> int:
     return _exit_status(summary)
 
 
-def cmd_sim_table(args: argparse.Namespace) -> int:
+def _terminate_as_interrupt() -> None:
+    """SIGTERM stops the command as Ctrl-C aborts it: through every way out that makes the
+    bench safe."""
     import signal
 
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_sim_table(args: argparse.Namespace) -> int:
     from .config import parse_address
     from .session import new_seed
     from .sim.server import serve_table
@@ -198,7 +208,7 @@ def cmd_sim_table(args: argparse.Namespace) -> int:
     cfg = _link_overrides(_calibrated(load_bench(args.config), args), args)
     host, port = parse_address(cfg.link.sim_table)
     seed = new_seed() if args.seed is None else args.seed
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _terminate_as_interrupt()
     write_port = _port_file(args.port_file)
 
     def ready(bound: int) -> None:

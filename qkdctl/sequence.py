@@ -20,6 +20,7 @@ values are given by :attr:`AliceSequence.effective_z_probability` and
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numba as nb
@@ -118,9 +119,17 @@ class AliceSequence:
     pattern: np.ndarray
 
     @classmethod
-    def from_config(cls, source, seed: int) -> AliceSequence:
-        """Alice's sequence for a run of the bench's ``[source]`` with the given seed."""
-        key = np.uint64(derive_key(seed, "alice"))
+    def from_config(cls, source, seed: int, *, secret: bool = False) -> AliceSequence:
+        """Alice's sequence for a run of the bench's ``[source]`` with the given seed.
+
+        ``secret``: a real bench's sequence, keyed by 64 bits from the operating system's
+        random source instead of the seed (the seed is printed in the summary, and a
+        few public bases would give away a 32-bit one); the recording of the run keeps
+        the key, so that it can be replayed. On the simulated bench the seed decides
+        everything, so that a run can be repeated.
+        """
+        key = np.uint64(int.from_bytes(os.urandom(8), "little") if secret
+                        else derive_key(seed, "alice"))
         z_thr = np.uint64(round(source.z_basis_probability * _B31))
         cum = np.cumsum(source.intensity_probabilities)[:-1]
         cum_thr = np.array([min(round(c * _B32), _B32) for c in cum], dtype=np.uint64)

@@ -294,7 +294,8 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
     if seed is None:
         seed = new_seed()
     bench = build_bench(cfg, seed) if bench is None else bench
-    sequence = AliceSequence.from_config(cfg.source, seed)
+    simulated = all(i.driver == "mock" for i in cfg.instruments.values())
+    sequence = AliceSequence.from_config(cfg.source, seed, secret=not simulated)
     interrupted = False
     t_wall = time.perf_counter()
     elapsed = 0.0
@@ -305,7 +306,6 @@ def run_session(cfg: BenchConfig, duration_s: float = 2.0, seed: int | None = No
         pulses = getattr(tagger, "pulses_simulated", None)
         return (round(el * cfg.source.rep_rate_hz) if pulses is None else pulses), el
 
-    simulated = all(i.driver == "mock" for i in cfg.instruments.values())
     stores = open_keystores(keystore) if cfg.postprocess.enabled else None
     with StopRequest() as ctrl_c, contextlib.ExitStack() as outer, \
             SiftingPipeline(cfg, seed, sequence, keystores=stores, sifted_digest=sifted_digest,

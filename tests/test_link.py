@@ -280,8 +280,8 @@ def test_key_store_reconciliation_keeps_exactly_the_common_keys(tmp_path):
     t.start()
     ra = reconcile_keystores(ea, a, "alice")
     t.join(10)
-    assert ra == {"kept": 2, "discarded": ["k1", "k4"]}
-    assert out["b"] == {"kept": 2, "discarded": ["k3", "k4"]}
+    assert ra == {"kept": 2, "discarded": ["k1", "k4"], "unmatched": []}
+    assert out["b"] == {"kept": 2, "discarded": ["k3", "k4"], "unmatched": []}
     assert [r.key_id for r in a.list()] == ["k0", "k2", "local"]
     assert [r.key_id for r in b.list()] == ["k0", "k2"]
     assert not (tmp_path / "alice" / "k1.key").exists()
@@ -326,3 +326,40 @@ def test_a_small_send_buffer_waits_for_acknowledgements_instead_of_locking(pair)
         p.bob.send(1, b"%d" % i + bytes(3000))
     t.join(60)
     assert out == [b"%d" % i + bytes(3000) for i in range(200)]
+
+
+def reconcile_pair(a, b):
+    """Run the reconciliation of two stores (None: a side that keeps no keys)."""
+    from qkdctl.auth import AuthenticatedEndpoint, HmacSha256
+    from qkdctl.link.common import reconcile_keystores
+
+    ta, tb = QueueTransport.pair(timeout=5)
+    ea = AuthenticatedEndpoint(ta, HmacSha256(PSK), "alice", b"test")
+    eb = AuthenticatedEndpoint(tb, HmacSha256(PSK), "bob", b"test")
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("b", reconcile_keystores(eb, b, "bob")))
+    t.start()
+    ra = reconcile_keystores(ea, a, "alice")
+    t.join(10)
+    return ra, out["b"]
+
+
+def test_reconciliation_never_discards_a_delivered_key_nor_for_a_new_store(tmp_path):
+    from qkdctl.keystore import KeyStore
+
+    a, b = KeyStore(tmp_path / "alice"), KeyStore(tmp_path / "bob")
+    bits = np.ones(64, np.uint8)
+    for k in ("k0", "k1"):
+        a.add(bits, 1e-9, {"digest": k, "link": True}, key_id=k)
+    # a new (empty) store on Bob's side, or none at all: nothing is thrown away
+    ra, rb = reconcile_pair(a, b)
+    assert ra["discarded"] == [] and ra["unmatched"] == ["k0", "k1"]
+    ra, rb = reconcile_pair(a, None)
+    assert ra == {"kept": 2, "discarded": [], "unmatched": []}
+    assert [r.key_id for r in a.list()] == ["k0", "k1"]
+    # Bob holds k0 only; Alice already handed k1 to an application: reported, kept
+    b.add(bits, 1e-9, {"digest": "k0", "link": True}, key_id="k0")
+    a.read("k1")
+    ra, rb = reconcile_pair(a, b)
+    assert ra == {"kept": 1, "discarded": [], "unmatched": ["k1"]}
+    assert [r.key_id for r in a.list()] == ["k0", "k1"]

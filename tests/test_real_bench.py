@@ -25,6 +25,7 @@ from qkdctl import cli
 from qkdctl.config import default_bench_path, parse_bench
 from qkdctl.drivers import thorlabs_ld
 from qkdctl.drivers.swabian import SwabianTimeTagger
+from qkdctl.sequence import AliceSequence
 from qkdctl.session import run_session
 from qkdctl.sim.engine import TagGenerator
 from qkdctl.sim.table import OpticalTable
@@ -147,10 +148,20 @@ def _next(chunks, empty):
     return _Buffer(np.concatenate([c[0] for c in take]), np.concatenate([c[1] for c in take]))
 
 
-def test_run_on_a_real_driver_bench(lab):
+def test_run_on_a_real_driver_bench(lab, monkeypatch):
     raw, tmp, mod, stream = lab
     cfg = parse_bench(raw, str(tmp / "lab.toml"))
+    # the fake tagger streams tags simulated with the seed's sequence, so Alice must play
+    # that one here; a real bench keys her sequence from the operating system
+    seen = []
+    plain = AliceSequence.from_config
+
+    def seeded(source, seed, *, secret=False):
+        seen.append(secret)
+        return plain(source, seed)
+    monkeypatch.setattr(AliceSequence, "from_config", staticmethod(seeded))
     s = run_session(cfg, duration_s=DURATION, seed=SEED, block_s=0.02, keystore=False)
+    assert seen == [True]
     assert s["source"] == "bench"
     # the simulated twin's 1 % misalignment comes through the real pipeline
     assert 0.005 < s["qber"]["Z"] < 0.02 and s["sifted_bits"] > 10_000

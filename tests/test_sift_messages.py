@@ -107,3 +107,12 @@ def test_malformed_coded_messages_are_channel_errors(cfg, tags):
     ch.alice.peer.inbox.append(dataclasses.replace(rep, keep_x=rep.keep_x + b"\0"))
     with pytest.raises(ChannelError, match="malformed"):
         bob.accept()
+
+
+def test_a_real_bench_keys_alices_sequence_from_the_operating_system(cfg):
+    """The seed is printed; on a real bench it must not decide Alice's choices."""
+    a = AliceSequence.from_config(cfg.source, 7)
+    assert AliceSequence.from_config(cfg.source, 7).key == a.key
+    s1 = AliceSequence.from_config(cfg.source, 7, secret=True)
+    s2 = AliceSequence.from_config(cfg.source, 7, secret=True)
+    assert len({int(a.key), int(s1.key), int(s2.key)}) == 3

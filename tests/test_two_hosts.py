@@ -115,9 +115,10 @@ def remote_state(hosts, side: str, name: str):
 
 
 def wait_for_keys(ks, timeout: float = 120.0) -> None:
-    """Until the first two-host keys are committed on Bob's side."""
+    """Until the first two-host keys are committed on both sides."""
     deadline = time.monotonic() + timeout
-    while not (ks / "bob" / "index.json").exists() and time.monotonic() < deadline:
+    while not all((ks / side / "index.json").exists() for side in ("alice", "bob")) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import BenchConfig, parse_address
+from ..config import SIDES, BenchConfig, parse_address
 from ..errors import ConfigError
 from ..postprocess.lanes import AliceLanes
 from ..protocol import AliceRole, SiftCoding
@@ -70,7 +70,9 @@ def run_alice(cfg: BenchConfig, seed: int | None = None, *, keystore=None,
     once she listens.
     """
     seed = new_seed() if seed is None else seed
-    sequence = AliceSequence.from_config(cfg.source, seed)
+    real = any(i.driver != "mock" for n, i in cfg.instruments.items()
+               if SIDES.get(n) == "alice")
+    sequence = AliceSequence.from_config(cfg.source, seed, secret=real)
     psk = side_psk(cfg, "alice", psk_file)
     store = side_keystore(keystore, "alice") if cfg.postprocess.enabled else None
     host, port = parse_address(cfg.link.alice_listen)

@@ -69,24 +69,27 @@ class Done:
 @wire.message("link.KeyInventory")
 @dataclass(frozen=True)
 class KeyInventory:
-    """Either way, at session start: the two-host keys this side holds (IDs and the
-    digests of public data, :func:`qkdctl.postprocess.distill.key_digest`; never key
-    bits)."""
+    """Either way, at session start: the two-host keys this side holds (IDs, the
+    digests of public data, :func:`qkdctl.postprocess.distill.key_digest`, and whether
+    each was delivered to an application; never key bits). ``has_store``: false for a
+    side that keeps no keys (nothing is reconciled then)."""
 
     role: str
+    has_store: bool
     key_ids: tuple
     digests: tuple
+    delivered: tuple
 
 
 def inventory(store, role: str) -> KeyInventory:
     if store is None:
-        return KeyInventory(role, (), ())
+        return KeyInventory(role, False, (), (), ())
     # only the keys two-host sessions made: a one-process run's keys are both halves on
     # one host, and none of the other host's business
-    recs = [r for r in store.list() if r.meta.get("link") and "digest" in r.meta
-            and not r.delivered]
-    return KeyInventory(role, tuple(r.key_id for r in recs),
-                        tuple(str(r.meta["digest"]) for r in recs))
+    recs = [r for r in store.list() if r.meta.get("link") and "digest" in r.meta]
+    return KeyInventory(role, True, tuple(r.key_id for r in recs),
+                        tuple(str(r.meta["digest"]) for r in recs),
+                        tuple(bool(r.delivered) for r in recs))
 
 
 def reconcile_keystores(control, store, role: str) -> dict[str, Any]:
@@ -97,26 +100,48 @@ def reconcile_keystores(control, store, role: str) -> dict[str, Any]:
     other did not (a session that stopped in between) goes on both sides, never a
     key on one side only, never two keys under one ID. Both sides reach the same
     conclusion from the same two inventories.
+
+    Nothing is discarded when a side keeps no keys, or when the other side's store
+    holds no two-host key at all (a new store: its keys were not lost in a session,
+    and a key Alice's applications may already use is not thrown away for that); a
+    key that was delivered to an application is never discarded (it is reported).
     """
     mine = inventory(store, role)
     control.send(mine)
     theirs = control.recv()
+    n = len(theirs.key_ids) if isinstance(theirs, KeyInventory) else -1
     if not isinstance(theirs, KeyInventory) or theirs.role == role \
-            or len(theirs.key_ids) != len(theirs.digests):
+            or not isinstance(theirs.has_store, bool) \
+            or len(theirs.digests) != n or len(theirs.delivered) != n \
+            or not all(isinstance(x, str) for x in (*theirs.key_ids, *theirs.digests)):
         raise ConfigError("the other side did not send its key inventory")
+    out: dict[str, Any] = {"kept": len(mine.key_ids), "discarded": [], "unmatched": []}
+    if not (mine.has_store and theirs.has_store):
+        return out
+    if mine.key_ids and not theirs.key_ids:
+        log.warning("%s: the other host's key store holds no two-host key (a new store?): "
+                    "nothing reconciled; %d key(s) here have no counterpart there", role,
+                    len(mine.key_ids))
+        out["unmatched"] = list(mine.key_ids)
+        return out
     other = dict(zip(theirs.key_ids, theirs.digests, strict=True))
-    discarded = []
-    for key_id, digest in zip(mine.key_ids, mine.digests, strict=True):
-        if other.get(key_id) != digest:
-            why = ("the other side does not hold it" if key_id not in other else
-                   "the other side holds a different key under this ID")
-            store.discard(key_id, f"key-store reconciliation: {why}")
-            discarded.append(key_id)
-    kept = len(mine.key_ids) - len(discarded)
-    if discarded:
+    for key_id, digest, delivered in zip(mine.key_ids, mine.digests, mine.delivered,
+                                         strict=True):
+        if other.get(key_id) == digest:
+            continue
+        why = ("the other side does not hold it" if key_id not in other else
+               "the other side holds a different key under this ID")
+        if delivered:
+            log.error("%s: key %s was delivered to an application, but %s", role, key_id, why)
+            out["unmatched"].append(key_id)
+            continue
+        store.discard(key_id, f"key-store reconciliation: {why}")
+        out["discarded"].append(key_id)
+    out["kept"] -= len(out["discarded"]) + len(out["unmatched"])
+    if out["discarded"]:
         log.warning("%s: key-store reconciliation discarded %d key(s) the other side does not "
-                    "hold; %d kept", role, len(discarded), kept)
-    return {"kept": kept, "discarded": discarded}
+                    "hold; %d kept", role, len(out["discarded"]), out["kept"])
+    return out
 
 
 def side_psk(cfg: BenchConfig, role: str, override: str | None = None) -> bytes:

@@ -35,7 +35,7 @@ class SplitError(QkdctlError):
 
 
 def wait_for_port_file(path: Path, proc: subprocess.Popen, what: str,
-                       timeout_s: float = 120.0) -> int:
+                       timeout_s: float = 120.0, errfile=None) -> int:
     """The port a child process wrote to ``path`` once it listens."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -44,11 +44,16 @@ def wait_for_port_file(path: Path, proc: subprocess.Popen, what: str,
             if text.isdigit():
                 return int(text)
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = _read(errfile).decode(errors="replace") if errfile is not None else ""
             raise SplitError(f"{what} exited with status {proc.returncode} before listening: "
                              f"{err.strip()[-500:]}")
         time.sleep(0.02)
     raise SplitError(f"{what} did not start listening within {timeout_s:g} s")
+
+
+def _read(f) -> bytes:
+    f.seek(0)
+    return f.read()
 
 
 def _qkdctl() -> list[str]:
@@ -72,29 +77,35 @@ def run_split(config: str | None, *, duration_s: float, seed: int,
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
         try:
+            # stderr to files: a chatty child (-vv) must never block on a full pipe
+            errs = {name: open(tmpd / f"{name}.err", "w+b")  # noqa: SIM115
+                    for name in ("table", "alice", "bob")}
             table = subprocess.Popen(
                 [*_qkdctl(), *vb, "sim-table", *cfg_args, *extra, "--seed", str(seed),
                  "--listen", "127.0.0.1:0", "--port-file", str(tmpd / "table.port")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errs["table"])
             procs.append(table)
-            table_port = wait_for_port_file(tmpd / "table.port", table, "qkdctl sim-table")
+            table_port = wait_for_port_file(tmpd / "table.port", table, "qkdctl sim-table",
+                                            errfile=errs["table"])
             table_addr = f"127.0.0.1:{table_port}"
             alice = subprocess.Popen(
                 [*_qkdctl(), *vb, "alice", *cfg_args, *extra, *ks, "--json", "-q",
                  "--seed", str(seed), "--psk-file", str(psk), "--listen", "127.0.0.1:0",
                  "--port-file", str(tmpd / "alice.port"), "--sim-table", table_addr],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errs["alice"])
             procs.append(alice)
-            alice_port = wait_for_port_file(tmpd / "alice.port", alice, "qkdctl alice")
+            alice_port = wait_for_port_file(tmpd / "alice.port", alice, "qkdctl alice",
+                                            errfile=errs["alice"])
             bob = subprocess.Popen(
                 [*_qkdctl(), *vb, "bob", *cfg_args, *extra, *ks, "--json", "-q",
                  "--seed", str(role_seed(seed, "bob")), "--duration", repr(duration_s),
                  "--psk-file", str(psk), "--alice", f"127.0.0.1:{alice_port}",
                  "--sim-table", table_addr],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errs["bob"])
             procs.append(bob)
-            out_b, err_b = bob.communicate(timeout=timeout_s)
-            out_a, err_a = alice.communicate(timeout=timeout_s)
+            out_b, _ = bob.communicate(timeout=timeout_s)
+            out_a, _ = alice.communicate(timeout=timeout_s)
+            err_a, err_b = (_read(errs["alice"]), _read(errs["bob"]))
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -105,6 +116,8 @@ def run_split(config: str | None, *, duration_s: float, seed: int,
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            for f in locals().get("errs", {}).values():
+                f.close()
     result: dict[str, Any] = {"exit": {"alice": alice.returncode, "bob": bob.returncode},
                               "stderr": {"alice": err_a.decode(errors="replace"),
                                          "bob": err_b.decode(errors="replace")}}

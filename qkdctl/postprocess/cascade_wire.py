@@ -126,5 +126,8 @@ class CompactCascadeChannel:
         if isinstance(msg, CodedParityRequest):
             return decode_request(msg)
         if isinstance(msg, CodedParityReply):
-            return ParityReply(codec.unpack_bases(msg.parities, msg.count))
+            try:
+                return ParityReply(codec.unpack_bases(msg.parities, msg.count))
+            except (ValueError, TypeError) as e:
+                raise wire.WireError(f"coded parity reply: {e}") from None
         return msg

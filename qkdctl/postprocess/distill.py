@@ -428,7 +428,11 @@ class AliceDistiller(_Role):
             msg = ch.recv()
             if isinstance(msg, Corrected):
                 break
-            reply = ec.handle(msg)
+            try:
+                reply = ec.handle(msg)
+            except (ValueError, TypeError) as e:
+                raise ProtocolError(f"alice: block {blk.block}: Bob's Cascade message: "
+                                    f"{e}") from None
             if reply is not None:
                 ch.send(reply)
         try:

@@ -102,7 +102,7 @@ class _Lanes:
         if rest >= self.min_block_bits:
             self._submit(rest, last=True)
         elif rest:
-            self.discarded_bits += rest
+            self._discard(rest)
             self.buffer.cut(self.next_block, rest)
         for q in self._queues:
             q.put(None)
@@ -126,13 +126,12 @@ class _Lanes:
                 continue
             try:
                 res, key, digest = self._distil(channel, blk)
+                self._record(res, key, digest)
             except BaseException as e:  # reported by finish(); the session stops
                 with self._lock:
                     if self.error is None:
                         self.error = e
-                log.debug("%s lane %d: %s", self.role, i, e)
-                continue
-            self._record(res, key, digest)
+                log.error("%s lane %d: block %d: %s", self.role, i, blk.block, e)
 
     def _random(self, block: int):
         if self.rng_seed is None:
@@ -140,7 +139,9 @@ class _Lanes:
         return block_random(self.rng_seed, self.role, block)
 
     def _record(self, res: BlockResult, key, digest) -> None:
-        """Keep the figures; commit the keys in block order."""
+        """Keep the figures; commit the keys in block order, none after a block that
+        raised a tamper alarm (a later block may have finished first on another lane;
+        both sides drop it alike, since both commit in block order)."""
         with self._lock:
             self.results[res.block] = res
             if res.alarm is not None and self.alarm is None:
@@ -148,11 +149,22 @@ class _Lanes:
                 log.error("TAMPER ALARM: %s", self.alarm)
             self._keys[res.block] = None if key is None else (key, digest)
             while self._next_commit in self._keys:
-                item = self._keys.pop(self._next_commit)
-                if item is not None:
-                    self._commit(self._next_commit, *item)
+                b = self._next_commit
+                item = self._keys.pop(b)
+                if res_alarm_before(self.results, b):
+                    done = self.results[b]
+                    if item is not None or done.secret_bits:
+                        self.discarded_bits += done.sifted_bits
+                        done.secret_bits, done.key_digest = 0, None
+                        done.abort_reason = "not kept: an earlier block raised a tamper alarm"
+                elif item is not None:
+                    self._commit(b, *item)
                 self._next_commit += 1
             self._done.notify_all()
+
+    def _discard(self, bits: int) -> None:
+        with self._lock:
+            self.discarded_bits += bits
 
     def _commit(self, block: int, key: np.ndarray, digest: str) -> None:
         key_id = f"{self.key_prefix}-b{block:05d}"
@@ -191,7 +203,7 @@ class BobLanes(_Lanes):
 
     def _distil(self, channel, blk: KeyBlock):
         if self.alarm is not None:
-            self.discarded_bits += blk.key.shape[0]
+            self._discard(blk.key.shape[0])
             channel.send(BlockDone(blk.block, True, "{}"))
             res = BlockResult(block=blk.block, sifted_bits=int(blk.key.shape[0]),
                               test_bits=int(blk.test_bits.shape[0]), aborted=True,
@@ -224,7 +236,7 @@ class AliceLanes(_Lanes):
         if isinstance(first, BlockDone):
             if not first.skipped or first.block != blk.block:
                 raise ProtocolError(f"alice: block {blk.block}: unexpected outcome from Bob")
-            self.discarded_bits += blk.key.shape[0]
+            self._discard(blk.key.shape[0])
             res = BlockResult(block=blk.block, sifted_bits=int(blk.key.shape[0]),
                               test_bits=int(blk.test_bits.shape[0]), aborted=True,
                               abort_reason="not distilled after a tamper alarm")
@@ -244,6 +256,12 @@ class AliceLanes(_Lanes):
             raise ProtocolError(f"alice: block {blk.block}: Bob's outcome ({res.secret_bits} "
                                 "secret bits) does not match Alice's")
         return res, alice.key, alice.key_digest
+
+
+def res_alarm_before(results: dict[int, BlockResult], block: int) -> bool:
+    """Whether a block before ``block`` raised a tamper alarm (all are known: the
+    commits go in block order)."""
+    return any(r.alarm is not None for b, r in results.items() if b < block)
 
 
 class _Pushback:
