@@ -363,3 +363,30 @@ def test_reconciliation_never_discards_a_delivered_key_nor_for_a_new_store(tmp_p
     ra, rb = reconcile_pair(a, b)
     assert ra == {"kept": 1, "discarded": [], "unmatched": ["k1"]}
     assert [r.key_id for r in a.list()] == ["k0", "k1"]
+
+
+def test_a_strangers_failed_hello_does_not_stop_a_session_about_to_start():
+    """A hello with a wrong tag before Bob arrives: Alice logs it and waits on, for
+    AUTH_GRACE_S, for a peer that authenticates."""
+    from qkdctl.auth import TcpTransport
+    from qkdctl.link import handshake as hs
+
+    ports, box = [], {}
+    t = threading.Thread(target=lambda: box.setdefault("alice", Link.listen(
+        "127.0.0.1", 0, PSK, connect_timeout_s=10, on_listening=ports.append, **FAST)),
+        daemon=True)
+    t.start()
+    while not ports:
+        time.sleep(0.005)
+    stranger = TcpTransport.connect("127.0.0.1", ports[0], timeout=5)
+    with pytest.raises(AuthenticationError):
+        hs.connect_handshake(stranger, hs.handshake_key(bytes(32)), hs.NEW_LINK, 0)
+    stranger.close()
+    bob = Link.connect("127.0.0.1", ports[0], PSK, connect_timeout_s=10, **FAST)
+    t.join(10)
+    try:
+        bob.send(1, b"made it")
+        assert box["alice"].recv(1, timeout=5) == b"made it"
+    finally:
+        bob.close()
+        box["alice"].close()

@@ -58,6 +58,8 @@ _PING = struct.Struct("<cQ")
 _ACK_EVERY_BYTES = 4 << 20
 _HANDSHAKE_MAX_FRAME = 256
 _MAX_HANDSHAKES = 8
+#: how long Alice still waits for an authentic Bob after a hello that failed
+AUTH_GRACE_S = 5.0
 #: channel numbers a session uses: control, sifting and up to 64 distillation lanes
 MAX_CHANNELS = 2 + 64
 _MAX_FRAME = (1 << 31) - 1
@@ -137,29 +139,41 @@ class Link:
         """Alice: listen on ``host:port`` and wait for Bob (up to ``connect_timeout_s``).
 
         ``on_listening(port)`` is called once the socket listens (port 0 picks one).
-        A connection that fails the handshake is dropped and the wait goes on,
-        except a hello with a wrong authentication tag: the pre-shared keys
-        differ, and that stops the session
-        (:class:`~qkdctl.auth.AuthenticationError`).
+        A connection that fails the handshake is dropped and the wait goes on. A
+        hello with a wrong authentication tag means the pre-shared keys differ (or a
+        stranger tries): Alice goes on waiting :data:`AUTH_GRACE_S` for a peer that
+        authenticates, so that a stranger cannot end a session about to start, then
+        stops (:class:`~qkdctl.auth.AuthenticationError`, exit status 3).
         """
         link = cls("alice", psk, **kw)
         link._listener = TcpListener(host, port, backlog=8)
         if on_listening is not None:
             on_listening(link._listener.port)
         deadline = time.monotonic() + connect_timeout_s
+        failed: AuthenticationError | None = None
+        grace = float("inf")
         try:
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= grace:
+                    raise failed
+                left = deadline - now
                 if left <= 0:
                     raise LinkError(f"{link.name}: Bob did not connect to "
                                     f"{link._listener.host}:{link._listener.port} within "
                                     f"{connect_timeout_s:g} s")
                 try:
-                    conn = link._listener.accept(timeout=min(left, 1.0))
+                    conn = link._listener.accept(timeout=min(left, 0.5))
                 except TransportError:
                     continue
-                if link._accept(conn, first=True):
-                    break
+                try:
+                    if link._accept(conn, first=True):
+                        break
+                except AuthenticationError as e:
+                    log.error("%s: %s", link.name, e)
+                    if failed is None:
+                        failed = e
+                        grace = time.monotonic() + AUTH_GRACE_S
         except BaseException:
             link._listener.close()
             raise
