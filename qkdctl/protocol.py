@@ -6,8 +6,11 @@ Sifting for decoy-state BB84, block by block:
    detected pulse, its pulse number and his measurement basis
    (:class:`DetectionAnnouncement`). His bit values stay with him.
 2. Alice looks up her choices for exactly those pulses and answers which to
-   keep (bases equal) and, as decoy-state BB84 requires, the intensity class
-   of every announced pulse (:class:`SiftingReply`).
+   keep (bases equal). Between two hosts the messages travel compactly coded
+   (:class:`CodedAnnouncement`, :class:`CodedReply`) and the reply carries the
+   keep flags only: the decoy analysis gets the counts per intensity class from
+   Alice during distillation. The plain :class:`SiftingReply`, for tests of the
+   roles, also carries the class of every announced pulse.
 3. Both keep the bits of the kept pulses: the sifted key (Z basis) and the
    test bits (X basis).
 

@@ -4,12 +4,12 @@
 (``link.alice_listen``, loopback unless the bench file says otherwise),
 checks that the two bench files agree, arms her laser and encoder (loading
 her sequence or pattern into the encoder), tells Bob she is on, and answers
-his announcements: for each block, which detected pulses to keep and their
-intensity classes, looked up in her sequence for exactly the pulses he
-announced. Distillation runs beside it on the lanes of
-:class:`~qkdctl.postprocess.lanes.AliceLanes`. The session ends when Bob has
-sent his last block and both have finished every block; on any way out her
-laser goes off and her encoder stops.
+his announcements: for each block, which detected pulses to keep, looked up in
+her sequence for exactly the pulses he announced (the intensity classes stay
+with her; she sends each distilled block's counts per class). Distillation
+runs beside it on the lanes of :class:`~qkdctl.postprocess.lanes.AliceLanes`.
+The session ends when Bob has sent his last block and both have finished every
+block; on any way out her laser goes off and her encoder stops.
 """
 
 from __future__ import annotations

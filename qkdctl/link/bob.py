@@ -4,7 +4,7 @@
 (``link.alice_address``), checks that the two bench files agree, arms his
 instruments, waits for Alice's laser to be on, then reads his tagger block by
 block: he sifts each block and announces his detections and bases, and takes
-Alice's reply (keep, intensity class) in a worker thread while he sifts the
+Alice's reply (which pulses to keep) in a worker thread while he sifts the
 next blocks (up to ``window`` blocks wait for a reply at once, so that a long
 round trip does not stall the tagger). Distillation runs beside it on the
 lanes of :class:`~qkdctl.postprocess.lanes.BobLanes`.
@@ -207,7 +207,8 @@ def _session(cfg, link, psk, store, seed, duration_s, block_s, progress, stop_re
     s["tail_wall_s"] = time.perf_counter() - t_acquired
     s["reply_wait_s"] = sifting.wait_s
     for d in s["counts_by_intensity"].values():
-        # Alice discloses the intensity class of the kept pulses only
+        # Bob does not learn the classes of his detections: no detections or gain
+        # per class on his side
         d["detections"] = d["gain"] = None
     s["keystore_reconciliation"] = reconciled
     s["calibration_record"] = cfg.calibration_path

@@ -7,8 +7,9 @@ counted on the test bits Bob disclosed. Each is exact for the bits it
 covers (the sample Alice disclosed for the estimate is not among them), with
 the same binomial standard error as the one-process summary.
 
-Bob knows his detections, the tagger's clock and what Alice's replies
-disclose (keep, intensity class); Alice knows her pulses, and what Bob's
+Bob knows his detections, the tagger's clock, what Alice's replies disclose
+(which pulses to keep) and the per-class counts she sends for each distilled
+block; Alice knows her pulses, and what Bob's
 announcements disclose (which pulses he detected and in which basis). Both
 know the distillation's figures.
 """

@@ -2,7 +2,8 @@
 
 :class:`KeyDistillation` collects each side's sifted bits as the sifting
 pipeline produces them (Alice's from her codes, Bob's from his detections,
-the intensity classes from Alice's public reply), cuts them into blocks of
+the intensity classes from Alice's codes: only Alice's side uses them), cuts
+them into blocks of
 ``postprocess.block_bits`` key-basis bits, and distils each block
 (:func:`.distill.distill_block`) on a worker thread while sifting goes on
 (the numba kernels release the GIL). Blocks are distilled in order. The last,
